@@ -1,0 +1,39 @@
+"""Curvature operators for PyTorch models and functions, behind one LinearOperator.
+
+Everything that produces curvature returns a :class:`LinearOperator`; everything that
+consumes curvature (``estimators``, ``solvers``) takes one.
+"""
+
+from .cg import CGResult, conjugate_gradient
+from .function import FunctionHessianOperator
+from .linear_operator import (
+    ConvergenceWarning,
+    IdentityOperator,
+    InverseOperator,
+    LinearOperator,
+)
+from .params import flatten, unflatten
+from .structured import (
+    BlockDiagonalOperator,
+    CallableOperator,
+    DenseOperator,
+    DiagonalOperator,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LinearOperator",
+    "IdentityOperator",
+    "InverseOperator",
+    "DenseOperator",
+    "DiagonalOperator",
+    "BlockDiagonalOperator",
+    "CallableOperator",
+    "FunctionHessianOperator",
+    "ConvergenceWarning",
+    "CGResult",
+    "conjugate_gradient",
+    "flatten",
+    "unflatten",
+]
