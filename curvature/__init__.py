@@ -19,6 +19,12 @@ from .structured import (
     DenseOperator,
     DiagonalOperator,
 )
+from . import losses
+from .backpack import ggn_diagonal, hessian_diagonal
+from .blocks import block_diagonal, parameter_groups
+from .fisher import FisherOperator
+from .ggn import GGNOperator
+from .hessian import HessianOperator
 
 __version__ = "0.1.0"
 
@@ -36,4 +42,12 @@ __all__ = [
     "conjugate_gradient",
     "flatten",
     "unflatten",
+    "HessianOperator",
+    "GGNOperator",
+    "FisherOperator",
+    "block_diagonal",
+    "parameter_groups",
+    "losses",
+    "ggn_diagonal",
+    "hessian_diagonal",
 ]

@@ -3,4 +3,39 @@
 Every estimator is a function of a ``curvature.LinearOperator`` and nothing else.
 """
 
-__all__: list[str] = []
+from .density import spectral_density
+from .diagonal import hutchinson_diagonal
+from .eigen import power_iteration, top_eigenvalues
+from .lanczos import lanczos, lanczos_batched
+from .results import DiagonalResult, EigenResult, LanczosResult, SpectralDensity, TraceResult
+from .trace import hutchinson_trace, hutchpp_trace, xtrace
+from .report import SpectrumReport, spectrum_report
+from .sharpness import SharpnessResult, preconditioned_sharpness, sharpness, stability_threshold
+from .monitor import SharpnessMonitor, SharpnessRecord
+from .eos import run_edge_of_stability
+
+__all__: list[str] = [
+    "top_eigenvalues",
+    "power_iteration",
+    "lanczos",
+    "lanczos_batched",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "xtrace",
+    "hutchinson_diagonal",
+    "spectral_density",
+    "TraceResult",
+    "DiagonalResult",
+    "EigenResult",
+    "LanczosResult",
+    "SpectralDensity",
+    "spectrum_report",
+    "SpectrumReport",
+    "sharpness",
+    "preconditioned_sharpness",
+    "stability_threshold",
+    "SharpnessResult",
+    "SharpnessMonitor",
+    "SharpnessRecord",
+    "run_edge_of_stability",
+]

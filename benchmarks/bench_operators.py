@@ -1,0 +1,170 @@
+"""Benchmark: Hessian / GGN products of curvature operators vs curvlinops 3.0.1, same model, same data.
+
+Workloads (float32, ``torch.set_num_threads(1)``):
+* ``mlp``: 784-256-256-10 tanh MLP (269,322 parameters), N=2048, cross-entropy;
+* ``cnn``: Conv(1,16,5,s2)-Tanh-Conv(16,32,5,s2)-Tanh-Linear(512,10) on 28x28 inputs, N=512.
+
+Everything is reported as a ratio to one gradient (forward + backward) measured in the
+same run; medians of ``--repeats`` repeats.  "cold" = a fresh product (gradient graph
+built inside the timed region: what a multi-batch loader costs per batch); "warm" =
+the single-batch cached graph (what Lanczos / CG pay per call after the first).
+Product-path comparisons (columns one by one reusing the graph, vmapped
+``is_grads_batched``, forward-mode ``torch.func.linearize`` for the GGN) justify the
+defaults.
+
+Run:  python benchmarks/bench_operators.py --repeats 7 --out benchmarks/results_operators.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import curvature
+
+try:
+    import curvlinops
+except ImportError:  # pragma: no cover - optional peer
+    curvlinops = None
+
+
+def make_mlp():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(784, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10))
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(2048, 784, generator=g), torch.randint(0, 10, (2048,), generator=g)
+    return model, X, y
+
+
+def make_cnn():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 5, stride=2), nn.Tanh(), nn.Conv2d(16, 32, 5, stride=2), nn.Tanh(),
+                          nn.Flatten(), nn.Linear(32 * 4 * 4, 10))
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(512, 1, 28, 28, generator=g), torch.randint(0, 10, (512,), generator=g)
+    return model, X, y
+
+
+def round_robin(fns: dict, repeats: int) -> dict:
+    """Median seconds per function, timed in interleaved rounds (fair under a varying machine load)."""
+    for fn in fns.values():
+        fn()  # warm-up (allocator, first-call overheads)
+    ts = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            ts[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in ts.items()}
+
+
+def forward_mode_ggn(model, loss_fn, X, y, V):
+    """GGN block product with forward-mode J v (torch.func.linearize) + one vjp graph (for comparison)."""
+    names = [n for n, _ in model.named_parameters()]
+    params = tuple(p.detach() for p in model.parameters())
+
+    def f(*ps):
+        return torch.func.functional_call(model, dict(zip(names, ps)), (X,))
+
+    z, jvp_fn = torch.func.linearize(f, *params)
+    leaves = [p.detach().requires_grad_(True) for p in params]
+    with torch.enable_grad():
+        zz = torch.func.functional_call(model, dict(zip(names, leaves)), (X,))
+    lam = curvature.losses.output_hessian(loss_fn, z, y, "mean")
+    pieces = curvature.unflatten(V, [p.shape for p in params])
+    JV = torch.stack([jvp_fn(*[t[..., j] for t in pieces]) for j in range(V.shape[1])])
+    W = lam.matmat(JV)
+    cols = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(zz, leaves, W[j], retain_graph=True)])
+            for j in range(V.shape[1])]
+    return torch.stack(cols, 1)
+
+
+def bench(name, model, X, y, repeats, rows):
+    loss_fn = nn.CrossEntropyLoss()
+    params = list(model.parameters())
+    n = sum(p.numel() for p in params)
+    g = torch.Generator().manual_seed(2)
+    v = torch.randn(n, generator=g)
+    V10 = torch.randn(n, 10, generator=g)
+    V16 = torch.randn(n, 16, generator=g)
+
+    def gradient():
+        torch.autograd.grad(loss_fn(model(X), y), params)
+
+    fns, cols = {"gradient": gradient}, {"gradient": 1}
+
+    def record(key, fn, columns=1):
+        fns[key], cols[key] = fn, columns
+
+    for label, cls in (("Hessian", curvature.HessianOperator), ("GGN", curvature.GGNOperator)):
+        op = cls(model, loss_fn, (X, y))
+        warm = cls(model, loss_fn, (X, y))
+        opb = cls(model, loss_fn, (X, y), batched=True)
+
+        def cold(o=op, M=v):
+            o.clear_cache()
+            return o @ M
+
+        record(f"{label} product, cold", cold)
+        record(f"{label} product, warm (cached graph)", lambda o=warm: o @ v)
+        for k, V in ((10, V10), (16, V16)):
+            record(f"{label} {k}-col block, cold (loop over columns)", lambda o=op, M=V: cold(o, M), k)
+            record(f"{label} {k}-col block, cold (is_grads_batched)", lambda o=opb, M=V: cold(o, M), k)
+            record(f"{label} {k}-col block, warm", lambda o=warm, M=V: o @ M, k)
+            record(f"{label} {k} single cold products", lambda o=op, M=V, k=k: [cold(o, M[:, j]) for j in range(k)], k)
+        if label == "GGN":
+            record("GGN 10-col block, forward-mode linearize", lambda: forward_mode_ggn(model, loss_fn, X, y, V10), 10)
+
+    if curvlinops is not None:
+        data = [(X, y)]
+        for label, cls in (("Hessian", curvlinops.HessianLinearOperator), ("GGN", curvlinops.GGNLinearOperator)):
+            cl = cls(model, loss_fn, params, data, check_deterministic=False)
+            record(f"curvlinops {label} product", lambda o=cl: o @ v)
+            record(f"curvlinops {label} 10-col block", lambda o=cl: o @ V10, 10)
+            record(f"curvlinops {label} 16-col block", lambda o=cl: o @ V16, 16)
+
+    med = round_robin(fns, repeats)
+    t_grad = med.pop("gradient")
+    res = {k: (t, cols[k]) for k, t in med.items()}
+    rows.append(f"\n### {name}: {n:,} parameters, N={X.shape[0]}, float32, 1 thread\n")
+    rows.append(f"One gradient (forward + backward): **{1e3 * t_grad:.1f} ms** (the unit below).\n")
+    rows.append("| product | total ms | ms per column | per column / gradient |")
+    rows.append("| --- | ---: | ---: | ---: |")
+    for key, (t, k) in res.items():
+        rows.append(f"| {key} | {1e3 * t:.1f} | {1e3 * t / k:.1f} | {t / k / t_grad:.2f}x |")
+    for line in rows[-(len(res) + 4):]:
+        print(line)
+    return t_grad, res
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--models", default="mlp,cnn")
+    parser.add_argument("--out", default=None, help="write the markdown table here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = [
+        "## Curvature operator products vs curvlinops",
+        "",
+        f"torch {torch.__version__}, curvlinops {getattr(curvlinops, '__version__', 'n/a')}; "
+        f"medians of {args.repeats} repeats; command: "
+        f"`python benchmarks/bench_operators.py --repeats {args.repeats} --out benchmarks/results_operators.md`",
+    ]
+    builders = {"mlp": ("MLP 784-256-256-10 tanh", make_mlp), "cnn": ("CNN 2 conv + linear", make_cnn)}
+    for key in args.models.split(","):
+        title, build = builders[key]
+        model, X, y = build()
+        bench(title, model, X, y, args.repeats, rows)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write("\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Exact and Monte-Carlo curvature diagonals through BackPACK (backpack-for-pytorch).
+
+BackPACK extends backpropagation to return the diagonal of the GGN (exact or with
+``mc_samples`` sampled labels) and of the Hessian in one extended backward pass per
+batch, where the matrix-free route would need ``n`` products.  We use it because it is
+the best tool for exactly this; it supports ``nn.Sequential`` models of its supported
+layers (Linear, Conv, activations, pooling, Flatten, ...) and CrossEntropy / MSE losses.
+
+The user's model is never modified: BackPACK's ``extend`` installs hooks and attributes,
+so it runs on a deep copy (parameters mapped back by name), in eval mode by default;
+``.grad`` and the global RNG of the caller are untouched (Monte-Carlo sampling runs
+under ``torch.random.fork_rng`` seeded from ``(seed, batch index)``).  Batches are
+summed with the weights of :class:`~curvature._empirical_risk.BatchLoop` (mean or sum
+reduction), so the result over a DataLoader equals the result on the concatenated data.
+
+Functions return a :class:`~curvature.DiagonalOperator` (``param_shapes`` set): use
+``.diag`` for the flat vector, or multiply it as a preconditioner.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._empirical_risk import BatchLoop, check_loss, model_state, resolve_params
+from .structured import DiagonalOperator
+
+__all__ = ["ggn_diagonal", "hessian_diagonal"]
+
+
+def _backpack_diagonal(model, loss_fn, data, params, extension_name: str, attribute: str,
+                       mc_samples: int = 1, seed: int = 0, mode: str = "eval",
+                       check_data: bool = True) -> DiagonalOperator:
+    try:
+        import backpack
+        from backpack import extensions
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise ImportError("curvature.backpack needs backpack-for-pytorch (pip install backpack-for-pytorch).") from exc
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    if mode not in ("eval", "train"):
+        raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}.")
+    reduction = check_loss(loss_fn)
+    if not isinstance(loss_fn, (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)):
+        raise NotImplementedError(
+            f"BackPACK diagonals support CrossEntropyLoss and MSELoss (and BCEWithLogitsLoss in recent "
+            f"versions), got {type(loss_fn).__name__}; use an operator's .diagonal() or a Hutchinson estimate."
+        )
+    names, chosen = resolve_params(model, params)
+    device = chosen[0].device
+    loop = BatchLoop(data, device, reduction, order_sensitive=extension_name == "DiagGGNMC", check=check_data)
+
+    # Work on copies: extend() installs hooks and attributes (never on the user's objects).
+    work = copy.deepcopy(model)
+    lf = copy.deepcopy(loss_fn)
+    named = dict(work.named_parameters())
+    for n, p in named.items():
+        p.requires_grad_(n in names)
+        p.grad = None
+    work = backpack.extend(work)
+    lf = backpack.extend(lf)
+    ext = getattr(extensions, extension_name)
+    ext = ext(mc_samples=mc_samples) if extension_name == "DiagGGNMC" else ext()
+
+    acc = [torch.zeros_like(p) for p in chosen]
+    for b, X, y, w in loop:
+        rng_devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=rng_devices), model_state(work, mode), torch.enable_grad():
+            state = np.random.SeedSequence([int(seed) & (2**63 - 1), b]).generate_state(2, np.uint32)
+            torch.manual_seed(int(state[0]) << 31 ^ int(state[1]))
+            loss = lf(work(X), y)
+            if loss.numel() != 1:
+                raise ValueError("The loss must be a scalar (reduction 'mean' or 'sum').")
+            with backpack.backpack(ext), warnings.catch_warnings():
+                # BackPACK's module hooks fire on outputs when inputs need no grad: harmless here
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                loss.backward()
+        for i, n in enumerate(names):
+            p = named[n]
+            value = getattr(p, attribute, None)
+            if value is None:
+                raise RuntimeError(f"BackPACK returned no {attribute} for parameter {n!r} (unsupported layer?).")
+            acc[i].add_(value.detach(), alpha=w)
+            delattr(p, attribute)
+            p.grad = None
+    diag = torch.cat([a.reshape(-1) for a in acc])
+    return DiagonalOperator(diag, param_shapes=[p.shape for p in chosen])
+
+
+def ggn_diagonal(
+    model: nn.Module,
+    loss_fn,
+    data,
+    params=None,
+    *,
+    kind: str = "exact",
+    mc_samples: int = 1,
+    seed: int = 0,
+    mode: str = "eval",
+    check_data: bool = True,
+) -> DiagonalOperator:
+    """Diagonal of the GGN (``kind="exact"``) or of its Monte-Carlo estimate (``kind="mc"``).
+
+    Args:
+        model: an ``nn.Sequential`` of BackPACK-supported layers.
+        loss_fn: ``nn.CrossEntropyLoss`` or ``nn.MSELoss`` (reduction "mean" or "sum").
+        data: a batch ``(X, y)`` or an iterable of batches.
+        params: parameters (tensors of ``model`` or names); default all trainable.
+        kind: ``"exact"`` (BackPACK ``DiagGGNExact``) or ``"mc"`` (``DiagGGNMC``).
+        mc_samples: sampled labels per example for ``kind="mc"``.
+        seed: seed of the sampled labels (per batch: seeded from ``(seed, batch index)``).
+        mode: ``"eval"`` (default) or ``"train"`` (BackPACK refuses train-mode BatchNorm).
+        check_data: verify that the data are the same on every pass.
+
+    Returns:
+        A :class:`~curvature.DiagonalOperator` ``[n]`` with ``param_shapes``.
+
+    Cost: one forward and one extended backward pass per batch (exact: about ``C``
+    backward passes' worth of work for ``C`` outputs; MC: ``mc_samples``).
+    """
+    if kind not in ("exact", "mc"):
+        raise ValueError(f"kind must be 'exact' or 'mc', got {kind!r}.")
+    if int(mc_samples) < 1:
+        raise ValueError(f"mc_samples must be >= 1, got {mc_samples}.")
+    if kind == "exact":
+        return _backpack_diagonal(model, loss_fn, data, params, "DiagGGNExact", "diag_ggn_exact",
+                                  mode=mode, check_data=check_data)
+    return _backpack_diagonal(model, loss_fn, data, params, "DiagGGNMC", "diag_ggn_mc",
+                              mc_samples=int(mc_samples), seed=seed, mode=mode, check_data=check_data)
+
+
+def hessian_diagonal(model: nn.Module, loss_fn, data, params=None, *, mode: str = "eval",
+                     check_data: bool = True) -> DiagonalOperator:
+    """Exact diagonal of the loss Hessian through BackPACK's ``DiagHessian``.
+
+    Same arguments as :func:`ggn_diagonal` (without ``kind``); returns a
+    :class:`~curvature.DiagonalOperator` ``[n]`` with ``param_shapes``.  Needs
+    BackPACK's second-derivative support for every layer (Linear, Conv, smooth
+    activations, ...).
+    """
+    return _backpack_diagonal(model, loss_fn, data, params, "DiagHessian", "diag_h",
+                              mode=mode, check_data=check_data)

@@ -1,0 +1,101 @@
+"""The generalized Gauss-Newton matrix ``G = sum_b w_b J_b^T Lambda_b J_b`` as a LinearOperator.
+
+``J_b`` is the Jacobian of the model output ``z`` on batch ``b`` w.r.t. the parameters
+and ``Lambda_b`` the Hessian of the batch loss w.r.t. ``z`` (closed form for
+CrossEntropy / MSE / BCEWithLogits, autograd on the output for any other loss; see
+:mod:`curvature.losses`).  ``G`` is positive semi-definite whenever the loss is convex
+in ``z``, which is what makes it the curvature of choice for CG-based (Hessian-free)
+training.
+
+Product path (measured, see benchmarks/results_operators.md), per batch:
+
+* ``J v`` by the double-vjp trick: with a dummy ``u`` shaped like ``z``, the graph of
+  ``J^T u`` is built once; ``J v = d(J^T u)/du [v]`` is one backward pass through it;
+* ``Lambda (J v)`` in output space (cheap);
+* ``J^T w`` is one backward pass through the output graph.
+
+Both graphs are kept for a single batch, so a product column costs about two
+backward passes of the model and no forward pass.  Forward mode (``torch.func.linearize``
+for ``J v``) was measured slower on CPU and cannot share the cached graphs, so it is
+not used (benchmarks/bench_operators.py keeps it for comparison).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._empirical_risk import EmpiricalRiskOperator
+from .losses import output_hessian
+from .params import unflatten
+
+__all__ = ["GGNOperator"]
+
+
+class GGNOperator(EmpiricalRiskOperator):
+    """Generalized Gauss-Newton ``J^T Lambda J`` of ``loss_fn(model(X), y)`` over ``data``.
+
+    Args:
+        model, loss_fn, data, params, mode, reduction, cache, check_data: see
+            :class:`~curvature._empirical_risk.EmpiricalRiskOperator`.
+        batched: multiply the columns of a block with vmapped backward passes
+            (``is_grads_batched=True``) instead of a loop over columns (default ``False``).
+
+    Shape ``[n, n]``, symmetric PSD for convex losses; ``param_shapes`` set.
+
+    Cost per product of ``k`` columns: per batch one forward pass and one backward
+    with ``create_graph`` (skipped for a cached single batch), then ``2k`` backward
+    passes.
+    """
+
+    def __init__(self, model, loss_fn, data, params=None, *, batched: bool = False, **kwargs) -> None:
+        super().__init__(model, loss_fn, data, params, **kwargs)
+        self.batched = bool(batched)
+
+    def _output_curvature(self, z: Tensor, y: Tensor, batch_index: int):
+        """The object whose ``matmat(V)`` (``V``: ``[k, *z.shape]``) applies ``Lambda``."""
+        self._loss(z.detach(), y)  # scalar check with a clear message
+        return output_hessian(self.loss_fn, z, y, self.reduction or "mean")
+
+    def _build_state(self, X: Tensor, y: Tensor, batch_index: int):
+        leaves, z = self._forward(X)
+        lam = self._output_curvature(z, y, batch_index)
+        if not z.requires_grad:
+            return leaves, z, None, [], [], lam
+        u = torch.zeros_like(z, requires_grad=True)
+        jtu = torch.autograd.grad(z, leaves, grad_outputs=u, create_graph=True, allow_unused=True)
+        used = [i for i, g in enumerate(jtu) if g is not None]
+        return leaves, z, u, [jtu[i] for i in used], used, lam
+
+    def _apply_state(self, state, V: Tensor, idx=None) -> Tensor:
+        leaves, z, u, jtu, used, lam = state
+        idx = list(range(len(leaves))) if idx is None else idx
+        shapes = [leaves[i].shape for i in idx]
+        inputs = [leaves[i] for i in idx]
+        rows = [j for j, i in enumerate(idx) if i in used]  # parameters that influence the output
+        outputs = [jtu[used.index(idx[j])] for j in rows]
+        if not outputs:
+            return torch.zeros_like(V)
+        k = V.shape[1]
+        pieces = unflatten(V, shapes)
+        if self.batched and k > 1:
+            gouts = [pieces[j].movedim(-1, 0) for j in rows]
+            (JV,) = torch.autograd.grad(outputs, u, grad_outputs=gouts, retain_graph=True, is_grads_batched=True)
+            W = lam.matmat(JV)
+            res = torch.autograd.grad(z, inputs, grad_outputs=W, retain_graph=True,
+                                      allow_unused=True, is_grads_batched=True)
+            cols = [torch.zeros(k, p.numel(), dtype=V.dtype, device=V.device) if r is None
+                    else r.reshape(k, -1) for r, p in zip(res, inputs)]
+            return torch.cat(cols, dim=1).T.contiguous()
+        # J v through the graph of J^T u (double-vjp trick), then Lambda, then J^T w
+        JV = torch.stack([
+            torch.autograd.grad(outputs, u, grad_outputs=[pieces[j][..., c] for j in rows], retain_graph=True)[0]
+            for c in range(k)
+        ])
+        W = lam.matmat(JV)
+        out = torch.empty_like(V)
+        for c in range(k):
+            res = torch.autograd.grad(z, inputs, grad_outputs=W[c], retain_graph=True, allow_unused=True)
+            out[:, c] = torch.cat([torch.zeros(p.numel(), dtype=V.dtype, device=V.device) if r is None
+                                   else r.reshape(-1) for r, p in zip(res, inputs)])
+        return out

@@ -1,0 +1,166 @@
+"""Data semantics: batches vs concatenated data, shuffling, BatchNorm/dropout, model left unchanged."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from curvature import FisherOperator, GGNOperator, HessianOperator
+from dense_truth import dense_empirical_fisher, dense_ggn, dense_hessian, rel_err
+from models import batchnorm_dropout, classification_data, make_case
+
+EXACT = 1e-10
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _truth(kind, model, loss_fn, X, y):
+    if kind == "hessian":
+        return dense_hessian(model, loss_fn, X, y)
+    if kind == "empirical":
+        return dense_empirical_fisher(model, loss_fn, X, y)
+    return dense_ggn(model, loss_fn, X, y)
+
+
+def _op(kind, model, loss_fn, data, **kw):
+    if kind == "hessian":
+        return HessianOperator(model, loss_fn, data, **kw)
+    if kind == "ggn":
+        return GGNOperator(model, loss_fn, data, **kw)
+    return FisherOperator(model, loss_fn, data, kind=kind, **kw)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("kind", ["hessian", "ggn", "exact", "empirical"])
+@pytest.mark.parametrize("name", ["mlp", "regression"])
+def test_unequal_batches_equal_concatenated_data(kind, reduction, name):
+    model, loss_fn, (X, y) = make_case(name, n=10, reduction=reduction)
+    loader = DataLoader(TensorDataset(X, y), batch_size=4)  # batches of 4, 4, 2
+    op = _op(kind, model, loss_fn, loader)
+    assert op.num_data == 10 and op.num_batches == 3
+    assert rel_err(op.to_dense(), _truth(kind, model, loss_fn, X, y)) < EXACT
+
+
+def test_sum_is_n_times_mean():
+    model, _, (X, y) = make_case("cnn", n=10)
+    batches = [(X[:3], y[:3]), (X[3:], y[3:])]
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 2, generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    for cls in (HessianOperator, GGNOperator):
+        mean = cls(model, nn.CrossEntropyLoss(), batches) @ V
+        total = cls(model, nn.CrossEntropyLoss(reduction="sum"), batches) @ V
+        assert rel_err(total, 10 * mean) < EXACT
+
+
+def test_mc_fisher_over_batches_is_weighted_sum_of_per_batch_fishers():
+    model, loss_fn, (X, y) = make_case("mlp", n=10)
+    batches = [(X[:4], y[:4]), (X[4:], y[4:])]
+    op = FisherOperator(model, loss_fn, batches, kind="mc", mc_samples=2, seed=4)
+    # batch b of the multi-batch operator draws from the generator seeded by (seed, b)
+    parts = []
+    for b, (Xb, yb) in enumerate(batches):
+        single = FisherOperator(model, loss_fn, (Xb, yb), kind="mc", mc_samples=2, seed=4)
+        single._batch_generator = lambda _i, b=b, s=single: FisherOperator._batch_generator(s, b)
+        parts.append(Xb.shape[0] / 10 * single.to_dense())
+    assert rel_err(op.to_dense(), parts[0] + parts[1]) < EXACT
+
+
+def test_shuffled_loader_same_answer_or_refused():
+    model, loss_fn, (X, y) = make_case("mlp", n=10)
+    H = dense_hessian(model, loss_fn, X, y)
+    shuffled = DataLoader(TensorDataset(X, y), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    # Hessian/GGN/EF do not depend on the order: accepted, and the answer is the same
+    assert rel_err(HessianOperator(model, loss_fn, shuffled).to_dense(), H) < EXACT
+    # MC Fisher ties sampled labels to batch positions: a reordering is refused
+    mc = FisherOperator(model, loss_fn, shuffled, kind="mc", seed=0)
+    with pytest.raises(RuntimeError, match="shuffl"):
+        mc.to_dense()
+    # drop_last with shuffling changes the data set between passes: refused
+    dropping = DataLoader(TensorDataset(X, y), batch_size=4, shuffle=True, drop_last=True,
+                          generator=torch.Generator().manual_seed(0))
+    op = GGNOperator(model, loss_fn, dropping)
+    with pytest.raises(RuntimeError, match="drop_last"):
+        for _ in range(5):  # some pass drops a different example than the construction pass
+            op @ torch.ones(op.shape[0], dtype=torch.float64)
+
+
+class _Augmented(Dataset):
+    """Adds fresh noise to every input on every access (random augmentation)."""
+
+    def __init__(self, X, y):
+        self.X, self.y, self.g = X, y, torch.Generator().manual_seed(0)
+
+    def __len__(self):
+        return len(self.X)
+
+    def __getitem__(self, i):
+        return self.X[i] + 0.1 * torch.randn(self.X[i].shape, generator=self.g, dtype=self.X.dtype), self.y[i]
+
+
+def test_random_augmentation_refused():
+    model, loss_fn, (X, y) = make_case("mlp", n=10)
+    op = HessianOperator(model, loss_fn, DataLoader(_Augmented(X, y), batch_size=5))
+    with pytest.raises(RuntimeError, match="augmentation"):
+        op @ torch.ones(op.shape[0], dtype=torch.float64)
+
+
+def _snapshot(model):
+    return ([m.training for m in model.modules()],
+            {k: v.clone() for k, v in model.state_dict().items()},
+            [None if p.grad is None else p.grad.clone() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn", "mc", "empirical"])
+def test_batchnorm_dropout_eval_mode_and_model_untouched(kind):
+    model = batchnorm_dropout()
+    loss_fn = nn.CrossEntropyLoss()
+    X, y = classification_data(8, (4,), 3)
+    model.train()
+    model[4].weight.grad = torch.full_like(model[4].weight, 0.25)  # a user's leftover gradient
+    before = _snapshot(model)
+    kw = {"seed": 0} if kind == "mc" else {}
+    op = _op(kind, model, loss_fn, [(X[:5], y[:5]), (X[5:], y[5:])], **kw)
+    D = op.to_dense()
+    assert torch.equal(D, op.to_dense())  # deterministic: no dropout, running statistics
+    if kind in ("hessian", "ggn"):  # truth evaluates in eval mode
+        truth = (dense_hessian if kind == "hessian" else dense_ggn)(model, loss_fn, X, y)
+        assert rel_err(D, truth) < EXACT
+    after = _snapshot(model)
+    assert after[0] == before[0] and all(after[0])  # every training flag restored
+    assert all(torch.equal(before[1][k], after[1][k]) for k in before[1])  # parameters and buffers
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(before[2], after[2]))
+
+
+def test_train_mode_batch_statistics_restores_buffers_and_refuses_dropout():
+    model = batchnorm_dropout()
+    loss_fn = nn.CrossEntropyLoss()
+    X, y = classification_data(8, (4,), 3)
+    with pytest.raises(ValueError, match="dropout"):
+        HessianOperator(model, loss_fn, (X, y), mode="train")
+    model[3].p = 0.0
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    op = HessianOperator(model, loss_fn, (X, y), mode="train")
+    D = op.to_dense()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    # truth: double backward through the batch statistics (train-mode BatchNorm)
+    params = list(model.parameters())
+    model.train()
+    (g,) = [torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss_fn(model(X), y), params, create_graph=True)])]
+    rows = [torch.cat([t.reshape(-1) for t in torch.autograd.grad(g[i], params, retain_graph=True)])
+            for i in range(g.numel())]
+    model.load_state_dict(state)
+    assert rel_err(D, torch.stack(rows)) < EXACT
+    assert rel_err(D, dense_hessian(model, loss_fn, X, y)) > 1e-3  # differs from eval mode
+
+
+def test_batches_moved_to_parameter_device_and_dtype_follows():
+    model, loss_fn, (X, y) = make_case("mlp", n=6, dtype=torch.float32)
+    op = GGNOperator(model, loss_fn, (X, y))
+    assert op.dtype == torch.float32 and op.device == next(model.parameters()).device
+    assert (op @ torch.ones(op.shape[0])).dtype == torch.float32

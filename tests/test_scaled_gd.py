@@ -1,0 +1,251 @@
+"""ScaledGD / ScaledGD(lambda): preconditioner against dense truth, steps against closed forms,
+and the published Figure-2 behaviour of Tong, Ma & Chi (2021) at reduced (default) and full
+(slow) sizes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from solvers import (
+    MatrixCompletionProblem,
+    MatrixSensingProblem,
+    ScaledGD,
+    factored_gd,
+    low_rank_ground_truth,
+    matrix_completion_problem,
+    matrix_sensing_problem,
+    scaled_gd,
+    scaled_gd_preconditioner,
+    spectral_init,
+)
+
+KAPPAS = (1, 5, 10, 20)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads():
+    """Small dense problems: one thread avoids oversubscription on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# ------------------------------------------------------------------ preconditioner
+def test_preconditioner_is_kron_identity_inverse_gram():
+    R = _rand(7, 3, seed=1)
+    lam = 0.3
+    P = scaled_gd_preconditioner(R, lam, num_rows=5)
+    M_inv = torch.linalg.inv(R.T @ R + lam * torch.eye(3, dtype=torch.float64))
+    dense = torch.kron(torch.eye(5, dtype=torch.float64), M_inv.contiguous())  # row-major vec(G M^{-1}) = (I (x) M^{-T}) vec(G)
+    torch.testing.assert_close(P.to_dense(), dense, rtol=1e-12, atol=1e-14)
+    assert P.shape == (15, 15) and P.is_symmetric
+    G = _rand(5, 3, seed=2)
+    torch.testing.assert_close(P.apply(G), G @ M_inv, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close((P @ [G])[0], G @ M_inv, rtol=1e-12, atol=1e-14)
+    # exact solve multiplies by the Gram matrix
+    torch.testing.assert_close(P.solve(G.reshape(-1)), (G @ (R.T @ R + lam * torch.eye(3, dtype=torch.float64))).reshape(-1))
+
+
+def test_preconditioner_errors():
+    with pytest.raises(ValueError, match="damping"):
+        scaled_gd_preconditioner(_rand(4, 2), -1.0)
+    with pytest.raises(ValueError, match="singular"):
+        scaled_gd_preconditioner(torch.zeros(4, 2, dtype=torch.float64), 0.0)
+    with pytest.raises(ValueError, match="Dimension mismatch"):
+        scaled_gd_preconditioner(_rand(4, 2)).apply(_rand(4, 3))
+
+
+# ------------------------------------------------------------------ the optimizer
+def test_optimizer_step_equals_closed_form_asymmetric_and_psd():
+    M = _rand(6, 5, seed=3)
+    L, R = _rand(6, 2, seed=4).requires_grad_(), _rand(5, 2, seed=5).requires_grad_()
+    lr, lam = 0.4, 0.05
+    opt = ScaledGD([L, R], lr=lr, damping=lam)
+    for _ in range(3):
+        L0, R0 = L.detach().clone(), R.detach().clone()
+        opt.zero_grad()
+        (0.5 * ((L @ R.T - M) ** 2).sum()).backward()
+        opt.step()
+        E = L0 @ R0.T - M  # grad_L = E R, grad_R = E^T L
+        I = torch.eye(2, dtype=torch.float64)
+        L_ref = L0 - lr * torch.linalg.solve(R0.T @ R0 + lam * I, (E @ R0).T).T
+        R_ref = R0 - lr * torch.linalg.solve(L0.T @ L0 + lam * I, (E.T @ L0).T).T
+        torch.testing.assert_close(L.detach(), L_ref, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(R.detach(), R_ref, rtol=1e-12, atol=1e-13)
+    S = _rand(6, 6, seed=6)
+    S = S @ S.T
+    Y = _rand(6, 3, seed=7).requires_grad_()
+    opt = ScaledGD([Y], lr=lr, damping=lam)
+    Y0 = Y.detach().clone()
+    opt.zero_grad()
+    (0.25 * ((Y @ Y.T - S) ** 2).sum()).backward()
+    opt.step()
+    G = (Y0 @ Y0.T - S) @ Y0
+    ref = Y0 - lr * G @ torch.linalg.inv(Y0.T @ Y0 + lam * torch.eye(3, dtype=torch.float64))
+    torch.testing.assert_close(Y.detach(), ref, rtol=1e-12, atol=1e-13)
+
+
+def test_scaled_gd_is_invariant_to_factor_rebalancing():
+    """With lambda = 0 the iterates X = L R^T do not depend on L -> L Q, R -> R Q^{-T} (Tong et al.)."""
+    P = matrix_sensing_problem(12, 2, 5, seed=0)
+    L0, R0 = spectral_init(P, 2)
+    Q = torch.tensor([[3.0, 1.0], [0.0, 0.2]], dtype=torch.float64)
+    a = scaled_gd(P, 2, maxiter=15, tol=0, init=(L0, R0))
+    b = scaled_gd(P, 2, maxiter=15, tol=0, init=(L0 @ Q, R0 @ torch.linalg.inv(Q).T))
+    torch.testing.assert_close(a.X, b.X, rtol=1e-9, atol=1e-11)
+    # GD is not invariant: the unbalanced start changes its iterates
+    c = factored_gd(P, 2, maxiter=15, tol=0, init=(L0, R0))
+    d = factored_gd(P, 2, maxiter=15, tol=0, init=(L0 @ Q, R0 @ torch.linalg.inv(Q).T))
+    assert float((c.X - d.X).norm()) > 1e-3
+
+
+def test_functional_and_optimizer_faces_agree():
+    P = matrix_sensing_problem(10, 2, 3, seed=2)
+    L0, R0 = spectral_init(P, 2)
+    res = scaled_gd(P, 2, eta=0.5, maxiter=6, tol=0, init=(L0, R0))
+    L, R = L0.clone().requires_grad_(), R0.clone().requires_grad_()
+    opt = ScaledGD([L, R], lr=0.5)
+    for _ in range(6):
+        opt.zero_grad()
+        (0.5 * ((P.A @ (L @ R.T).reshape(-1) - P.y) ** 2).sum()).backward()
+        opt.step()
+    torch.testing.assert_close(L.detach(), res.L, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(R.detach(), res.R, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------- problems
+def test_sensing_design_is_near_isometric_and_storage_modes_agree():
+    dense = MatrixSensingProblem((6, 5), 3000, X_star=_rand(6, 5, seed=8), seed=3, chunk_size=700)
+    lazy = MatrixSensingProblem((6, 5), 3000, X_star=_rand(6, 5, seed=8), seed=3, chunk_size=700,
+                                storage="on_the_fly")
+    X = _rand(6, 5, seed=9)
+    torch.testing.assert_close(lazy.apply(X), dense.apply(X), rtol=1e-12, atol=1e-12)
+    r = _rand(3000, seed=10)
+    torch.testing.assert_close(lazy.adjoint(r), dense.adjoint(r), rtol=1e-12, atol=1e-12)
+    # entries N(0, 1/m): E ||A(X)||^2 = ||X||^2, relative std sqrt(2/m) for a fixed X
+    ratio = float(dense.apply(X).norm() ** 2 / X.norm() ** 2)
+    assert abs(ratio - 1) < 5 * math.sqrt(2 / 3000)
+    entries = dense.A.reshape(-1)
+    assert abs(float(entries.var()) * 3000 - 1) < 5 * math.sqrt(2 / entries.numel())
+    # adjoint: <A(X), r> = <X, A*(r)>
+    assert float(dense.apply(X) @ r) == pytest.approx(float((X * dense.adjoint(r)).sum()), rel=1e-12)
+
+
+def test_ground_truth_and_spectral_init():
+    X, L, R, s = low_rank_ground_truth(30, 20, 4, kappa=10, seed=1)
+    sv = torch.linalg.svdvals(X)[:5]
+    torch.testing.assert_close(sv[:4], torch.linspace(1, 0.1, 4, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    assert float(sv[4]) < 1e-12
+    torch.testing.assert_close(L @ R.T, X)
+    # full observation (p = 1): the spectral initialization is exact
+    C = MatrixCompletionProblem(X, p=1.0)
+    L0, R0 = spectral_init(C, 4)
+    torch.testing.assert_close(L0 @ R0.T, X, rtol=1e-10, atol=1e-12)
+
+
+def test_bad_input_raises():
+    L, R = torch.zeros(5, 3, requires_grad=True), torch.zeros(6, 2, requires_grad=True)
+    with pytest.raises(ValueError, match="Mismatched factor shapes"):
+        ScaledGD([L, R])
+    with pytest.raises(ValueError, match="Invalid damping"):
+        ScaledGD([L], damping=-0.1)
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        ScaledGD([L], lr=-1.0)
+    y = torch.ones(20, dtype=torch.float64)
+    y[3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        MatrixSensingProblem((3, 3), 20, y=y)
+    with pytest.raises(ValueError, match="Dimension mismatch"):
+        MatrixSensingProblem((3, 3), 20, y=torch.ones(19, dtype=torch.float64))
+    P = matrix_sensing_problem(8, 2, 2, seed=0)
+    with pytest.raises(ValueError, match="mismatched factor shapes"):
+        scaled_gd(P, 2, init=(torch.zeros(8, 2, dtype=torch.float64), torch.zeros(8, 3, dtype=torch.float64)))
+    with pytest.raises(ValueError, match="damping"):
+        scaled_gd(P, 2, damping=-1.0)
+    with pytest.raises(ValueError, match="eta"):
+        scaled_gd(P, 2, eta=-0.5)
+    # a singular Gram matrix without damping, and a NaN gradient: nothing is written
+    Z = torch.zeros(4, 2, dtype=torch.float64, requires_grad=True)
+    W = torch.ones(3, 2, dtype=torch.float64, requires_grad=True)
+    opt = ScaledGD([Z, W], lr=0.1)
+    Z.grad, W.grad = torch.ones(4, 2, dtype=torch.float64), torch.ones(3, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="singular"):
+        opt.step()
+    A = _rand(4, 2, seed=1).requires_grad_()
+    opt = ScaledGD([A], lr=0.1, damping=0.1)
+    A0 = A.detach().clone()
+    A.grad = torch.full((4, 2), float("nan"), dtype=torch.float64)
+    with pytest.raises(FloatingPointError, match="NaN/inf"):
+        opt.step()
+    assert torch.equal(A.detach(), A0)
+
+
+# ------------------------------------------------------- Figure 2, reduced sizes
+def _iterations(problem_fn, rank, maxiter_gd):
+    out = {}
+    for kappa in KAPPAS:
+        P = problem_fn(kappa)
+        s = scaled_gd(P, rank, eta=0.5, maxiter=600, tol=1e-10)
+        g = factored_gd(P, rank, eta=0.5, maxiter=maxiter_gd, tol=1e-10)
+        out[kappa] = (s.iterations_to(1e-10), g.iterations_to(1e-10))
+    return out
+
+
+def _check_figure2(its, maxiter_gd):
+    sgd = [its[k][0] for k in KAPPAS]
+    gd = [its[k][1] if its[k][1] is not None else maxiter_gd + 1 for k in KAPPAS]
+    assert all(s is not None for s in sgd), its
+    assert max(sgd) <= 1.15 * min(sgd), its  # ScaledGD: nearly the same for every kappa
+    assert all(b > a for a, b in zip(gd, gd[1:])), its  # GD: grows with kappa
+    assert gd[-1] >= 4 * sgd[-1], its  # and is several times slower at kappa = 20
+    assert gd[0] <= 1.5 * sgd[0], its  # while at kappa = 1 the two are alike
+
+
+def test_figure2_sensing_reduced():
+    its = _iterations(lambda k: matrix_sensing_problem(30, 3, k, seed=0), 3, 1500)
+    _check_figure2(its, 1500)
+
+
+def test_figure2_completion_reduced():
+    its = _iterations(lambda k: matrix_completion_problem(200, 5, k, p=0.2, seed=0), 5, 1500)
+    _check_figure2(its, 1500)
+
+
+# ------------------------------------------------------- Figure 2, published sizes
+@pytest.mark.slow
+def test_figure2_sensing_published_size():
+    """n = 200, r = 10, m = 5nr = 10 000 (dense float64 design: 3.2 GB)."""
+    its = _iterations(lambda k: matrix_sensing_problem(200, 10, k, seed=0), 10, 1000)
+    print("sensing n=200 iterations to 1e-10 (ScaledGD, GD):", its)
+    _check_figure2(its, 1000)
+
+
+@pytest.mark.slow
+def test_figure2_completion_published_size():
+    its = _iterations(lambda k: matrix_completion_problem(1000, 10, k, p=0.2, seed=0), 10, 1000)
+    print("completion n=1000 iterations to 1e-10 (ScaledGD, GD):", its)
+    _check_figure2(its, 1000)
+
+
+# ----------------------------------------------------- ScaledGD(lambda), overparameterized
+@pytest.mark.parametrize("kappa", [10, 100])
+def test_scaled_gd_lambda_overparameterized_psd_sensing(kappa):
+    """r = 2, r' = 3, small random init alpha = 1e-12 (Xu et al. 2023; notes R3: the error floor
+    from the spurious direction scales with alpha), lambda = sigma_min(M*), eta = 0.3; GD uses 0.3 / sigma_max."""
+    P = matrix_sensing_problem(10, 2, kappa, num_measurements=4000, psd=True, seed=0)
+    s = scaled_gd(P, 3, eta=0.3, damping=1.0 / kappa, init="random", init_scale=1e-12, maxiter=400, tol=1e-8)
+    g = factored_gd(P, 3, eta=0.3, init="random", init_scale=1e-12, maxiter=1200, tol=1e-8)
+    assert s.converged and s.relative_errors[-1] <= 1e-8
+    gd_its = g.iterations_to(1e-8) or 1201
+    assert gd_its >= 5 * s.nit, (s.nit, gd_its, g.relative_errors[-1])
+    # the spurious third direction stays at the initialization's scale
+    sv = torch.linalg.svdvals(s.factors[0])
+    assert float(sv[2]) < 1e-6
