@@ -9,10 +9,10 @@ same run; medians of ``--repeats`` repeats.  "cold" = a fresh product (gradient 
 built inside the timed region: what a multi-batch loader costs per batch); "warm" =
 the single-batch cached graph (what Lanczos / CG pay per call after the first).
 Product-path comparisons (columns one by one reusing the graph, vmapped
-``is_grads_batched``, forward-mode ``torch.func.linearize`` for the GGN) justify the
-defaults.
+``is_grads_batched``; for the GGN the double-vjp trick vs forward-mode
+``jvp="forward"`` and ``torch.func.linearize``) justify the defaults.
 
-Run:  python benchmarks/bench_operators.py --repeats 7 --out benchmarks/results_operators.md
+Run:  python benchmarks/bench_operators.py --repeats 5 --out benchmarks/results_operators.md
 """
 
 from __future__ import annotations
@@ -117,7 +117,12 @@ def bench(name, model, X, y, repeats, rows):
             record(f"{label} {k}-col block, warm", lambda o=warm, M=V: o @ M, k)
             record(f"{label} {k} single cold products", lambda o=op, M=V, k=k: [cold(o, M[:, j]) for j in range(k)], k)
         if label == "GGN":
-            record("GGN 10-col block, forward-mode linearize", lambda: forward_mode_ggn(model, loss_fn, X, y, V10), 10)
+            fwd = cls(model, loss_fn, (X, y), jvp="forward")
+            fwd_warm = cls(model, loss_fn, (X, y), jvp="forward")
+            record("GGN product, cold, jvp='forward'", lambda o=fwd: cold(o, v))
+            record("GGN product, warm, jvp='forward'", lambda o=fwd_warm: o @ v)
+            record("GGN 10-col block, cold, jvp='forward'", lambda o=fwd: cold(o, V10), 10)
+            record("GGN 10-col block, torch.func.linearize", lambda: forward_mode_ggn(model, loss_fn, X, y, V10), 10)
 
     if curvlinops is not None:
         data = [(X, y)]
@@ -141,9 +146,43 @@ def bench(name, model, X, y, repeats, rows):
     return t_grad, res
 
 
+def layernorm_correctness(rows) -> None:
+    """Hessian-vector products on a Linear-LayerNorm-Tanh-Linear net vs central differences (float64)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(3)
+    X, y = torch.randn(8, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+    loss_fn = nn.CrossEntropyLoss()
+    op = curvature.HessianOperator(model, loss_fn, (X, y))
+    v = torch.randn(op.shape[0], generator=g, dtype=torch.float64)
+    eps = 1e-5
+
+    def grad_at(shift):
+        with torch.no_grad():
+            for p, d in zip(model.parameters(), op.unflatten(shift)):
+                p.add_(d)
+        out = op.loss_and_gradient()[1]
+        with torch.no_grad():
+            for p, d in zip(model.parameters(), op.unflatten(shift)):
+                p.sub_(d)
+        return out
+
+    fd = (grad_at(eps * v) - grad_at(-eps * v)) / (2 * eps)
+    rows.append("\n### Correctness through LayerNorm (float64, relative error of H v vs central differences)\n")
+    rows.append(f"- curvature.HessianOperator: {float((op @ v - fd).norm() / fd.norm()):.1e}")
+    if curvlinops is not None:
+        cl = curvlinops.HessianLinearOperator(model, loss_fn, list(model.parameters()), [(X, y)],
+                                              check_deterministic=False)
+        rows.append(f"- curvlinops.HessianLinearOperator: {float((cl @ v - fd).norm() / fd.norm()):.1e}")
+    print("\n".join(rows[-3:]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", default="mlp,cnn")
     parser.add_argument("--out", default=None, help="write the markdown table here")
@@ -161,6 +200,7 @@ def main() -> None:
         title, build = builders[key]
         model, X, y = build()
         bench(title, model, X, y, args.repeats, rows)
+    layernorm_correctness(rows)
     if args.out:
         with open(args.out, "w") as fh:
             fh.write("\n".join(rows) + "\n")

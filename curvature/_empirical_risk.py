@@ -26,11 +26,12 @@ per-batch product.  :class:`EmpiricalRiskOperator` owns that sum:
   (tracked by identity, ``_version`` and a float64 checksum); ``op.clear_cache()``
   frees it and ``cache=False`` disables it.
 
-Scaling out: a data-parallel reduction belongs in :meth:`EmpiricalRiskOperator._matmat`
-(``torch.distributed.all_reduce`` of the accumulated product and of ``N`` across ranks
-holding data shards), and memory chunking (splitting a large batch into micro-batches,
-or the columns of a block) belongs in :meth:`_batch_products`.  Nothing else loops over
-data.
+Scaling out: a data-parallel reduction belongs in :class:`BatchLoop` and
+:meth:`EmpiricalRiskOperator._block_products` (``torch.distributed.all_reduce`` of the
+accumulated product and of ``N`` across ranks holding data shards), and memory chunking
+(splitting a large batch into micro-batches, or the columns of a block) belongs in
+:meth:`EmpiricalRiskOperator._block_products`.  Nothing else loops over data
+(``curvature.backpack`` iterates a :class:`BatchLoop` too).
 """
 
 from __future__ import annotations
@@ -255,8 +256,9 @@ class EmpiricalRiskOperator(LinearOperator):
     """Base class: a curvature matrix of ``L(theta) = sum_b w_b loss_fn(model(X_b), y_b)``.
 
     Subclasses implement ``_build_state(X, y, batch_index)`` (whatever the products on
-    one batch reuse, e.g. a gradient graph) and ``_apply_state(state, V)`` (the batch
-    product ``[n, k]`` for ``V`` of shape ``[n, k]``).
+    one batch reuse, e.g. a gradient graph) and ``_apply_state(state, V, idx)`` (the
+    batch product ``[m, k]`` for ``V`` of shape ``[m, k]``, restricted to the diagonal
+    block of the parameters ``idx``, all of them for ``idx=None``).
 
     Args:
         model: a ``torch.nn.Module`` mapping ``X`` to the output ``z``.

@@ -15,9 +15,13 @@ Product path (measured, see benchmarks/results_operators.md), per batch:
 * ``J^T w`` is one backward pass through the output graph.
 
 Both graphs are kept for a single batch, so a product column costs about two
-backward passes of the model and no forward pass.  Forward mode (``torch.func.linearize``
-for ``J v``) was measured slower on CPU and cannot share the cached graphs, so it is
-not used (benchmarks/bench_operators.py keeps it for comparison).
+backward passes of the model and no forward pass.  ``jvp="forward"`` computes ``J v``
+with forward-mode ``torch.func.jvp`` instead (no ``J^T u`` graph to build, but one
+forward-mode pass per column, cached or not).  Measured on CPU (results_operators.md):
+the double-vjp trick wins on the MLP and for cached single-batch products (what
+Lanczos/CG use); forward mode wins for fresh products on the small CNN, where the
+create-graph backward through convolutions is expensive.  The default is
+``jvp="reverse"``; pass ``jvp="forward"`` for conv nets over many batches.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._empirical_risk import EmpiricalRiskOperator
+from ._empirical_risk import EmpiricalRiskOperator, model_state
 from .losses import output_hessian
 from .params import unflatten
 
@@ -48,9 +52,13 @@ class GGNOperator(EmpiricalRiskOperator):
     passes.
     """
 
-    def __init__(self, model, loss_fn, data, params=None, *, batched: bool = False, **kwargs) -> None:
+    def __init__(self, model, loss_fn, data, params=None, *, batched: bool = False, jvp: str = "reverse",
+                 **kwargs) -> None:
+        if jvp not in ("reverse", "forward"):
+            raise ValueError(f"jvp must be 'reverse' (double-vjp trick) or 'forward' (torch.func.jvp), got {jvp!r}.")
         super().__init__(model, loss_fn, data, params, **kwargs)
         self.batched = bool(batched)
+        self.jvp = jvp
 
     def _output_curvature(self, z: Tensor, y: Tensor, batch_index: int):
         """The object whose ``matmat(V)`` (``V``: ``[k, *z.shape]``) applies ``Lambda``."""
@@ -62,14 +70,41 @@ class GGNOperator(EmpiricalRiskOperator):
         lam = self._output_curvature(z, y, batch_index)
         if not z.requires_grad:
             return leaves, z, None, [], [], lam
+        if self.jvp == "forward":
+            return leaves, z, X, None, None, lam
         u = torch.zeros_like(z, requires_grad=True)
         jtu = torch.autograd.grad(z, leaves, grad_outputs=u, create_graph=True, allow_unused=True)
         used = [i for i, g in enumerate(jtu) if g is not None]
         return leaves, z, u, [jtu[i] for i in used], used, lam
 
+    def _forward_jv(self, X: Tensor, idx: list[int], pieces: list[Tensor]) -> Tensor:
+        """``J V`` ``[k, *z.shape]`` by forward mode (``torch.func.jvp``), one pass per column."""
+        primals = tuple(self.params[i].detach() for i in idx)
+        names = [self.param_names[i] for i in idx]
+        fixed = {n: p.detach() for n, p in self.model.named_parameters()}
+
+        def f(*ps):
+            return torch.func.functional_call(self.model, {**fixed, **dict(zip(names, ps))}, (X,))
+
+        k = pieces[0].shape[-1]
+        with model_state(self.model, self.mode):
+            return torch.stack([torch.func.jvp(f, primals, tuple(t[..., c] for t in pieces))[1] for c in range(k)])
+
     def _apply_state(self, state, V: Tensor, idx=None) -> Tensor:
         leaves, z, u, jtu, used, lam = state
         idx = list(range(len(leaves))) if idx is None else idx
+        if jtu is None and used is None:  # forward mode: u holds the batch input
+            if not z.requires_grad:
+                return torch.zeros_like(V)
+            inputs = [leaves[i] for i in idx]
+            JV = self._forward_jv(u, idx, unflatten(V, [p.shape for p in inputs]))
+            W = lam.matmat(JV)
+            out = torch.empty_like(V)
+            for c in range(V.shape[1]):
+                res = torch.autograd.grad(z, inputs, grad_outputs=W[c], retain_graph=True, allow_unused=True)
+                out[:, c] = torch.cat([torch.zeros(p.numel(), dtype=V.dtype, device=V.device) if r is None
+                                       else r.reshape(-1) for r, p in zip(res, inputs)])
+            return out
         shapes = [leaves[i].shape for i in idx]
         inputs = [leaves[i] for i in idx]
         rows = [j for j, i in enumerate(idx) if i in used]  # parameters that influence the output

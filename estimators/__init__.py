@@ -4,11 +4,11 @@ Every estimator is a function of a ``curvature.LinearOperator`` and nothing else
 """
 
 from .density import spectral_density
-from .diagonal import hutchinson_diagonal
+from .diagonal import hutchinson_diagonal, xdiag
 from .eigen import power_iteration, top_eigenvalues
 from .lanczos import lanczos, lanczos_batched
 from .results import DiagonalResult, EigenResult, LanczosResult, SpectralDensity, TraceResult
-from .trace import hutchinson_trace, hutchpp_trace, xtrace
+from .trace import hutchinson_trace, hutchpp_trace, xnystrace, xtrace
 from .report import SpectrumReport, spectrum_report
 from .sharpness import SharpnessResult, preconditioned_sharpness, sharpness, stability_threshold
 from .monitor import SharpnessMonitor, SharpnessRecord
@@ -22,7 +22,9 @@ __all__: list[str] = [
     "hutchinson_trace",
     "hutchpp_trace",
     "xtrace",
+    "xnystrace",
     "hutchinson_diagonal",
+    "xdiag",
     "spectral_density",
     "TraceResult",
     "DiagonalResult",

@@ -180,9 +180,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 2; 1 with --fast)")
     ap.add_argument("--hutchinson", action="store_true", help="also run Sophia-H")
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads (1: small model, no oversubscription)")
     ap.add_argument("--out", default="out")
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    torch.set_num_threads(args.threads)
     steps = args.steps or (60 if args.fast else 600)
     seeds = list(range(args.seeds or (1 if args.fast else 2)))
     grids = {"adamw": [3e-3] if args.fast else [1e-3, 3e-3, 1e-2],
@@ -195,7 +196,7 @@ def main(argv=None) -> dict:
         for lr in grid:
             runs = [run_training(name, lr, steps, seed=s, fast=args.fast) for s in seeds]
             final = float(np.mean([r["val_loss"][-1] for r in runs]))
-            print(f"  {name:9s} lr={lr:.0e}: final val loss {final:.4f} (mean over {len(seeds)} seeds)")
+            print(f"  {name:9s} lr={lr:.0e}: final val loss {final:.4f} (mean over {len(seeds)} seeds)", flush=True)
             if best is None or final < best[0]:
                 best = (final, lr, runs)
         results[name] = best

@@ -278,8 +278,10 @@ class GNBEstimator(DiagonalCurvatureEstimator):
         N = z.shape[0]
         with torch.no_grad():
             if self.loss == "ce":
-                probs = torch.softmax(z.detach().float(), dim=-1)
-                y = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+                # inverse-CDF sampling (one uniform per row; ~10x cheaper than torch.multinomial)
+                cdf = torch.softmax(z.detach().float(), dim=-1).cumsum_(-1)
+                u = torch.rand(N, 1, generator=self.generator, dtype=cdf.dtype, device=cdf.device)
+                y = (cdf < u).sum(-1).clamp_(max=C - 1)
             else:
                 noise = torch.randn(z.shape, generator=self.generator, dtype=z.dtype, device=z.device)
                 y = z.detach() + math.sqrt(C / 2.0) * noise

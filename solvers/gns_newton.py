@@ -81,7 +81,8 @@ class GNSNewton(torch.optim.Optimizer):
         max_tries: tries per step (default 40, as the official code).
         metric: SPD ``LinearOperator`` ``B`` over the parameters (default identity);
             ``||g||_*`` needs ``B.solve`` (exact for diagonal/dense metrics).
-        cg_tol, cg_maxiter: CG tolerance and products per try (defaults 1e-6, 100).
+        cg_tol, cg_maxiter: tolerance of the (Lanczos-)CG solve and the most curvature
+            products per step (defaults 1e-6, 100).
 
     The linear systems of all tries share one Krylov space (the shift ``λB`` does not
     change it), so one Lanczos run per step, stopped when the first try's system

@@ -28,7 +28,7 @@ from curvature import ConvergenceWarning
 
 from . import _flat_params as fp
 
-__all__ = ["NewtonCG"]
+__all__ = ["NewtonCG", "diagonal_preconditioner"]
 
 #: Martens' thresholds on the reduction ratio ρ.
 RHO_LOW = 0.25
@@ -44,6 +44,46 @@ def reduction_ratio(actual: float, predicted: float) -> float:
     if not (predicted < 0) or not math.isfinite(actual):
         return float("nan")
     return actual / predicted
+
+
+def diagonal_preconditioner(
+    model: torch.nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], *, exponent: float = 0.75
+) -> Callable[[list[Tensor], Any, float], Any]:
+    """Martens' (2010) CG preconditioner ``M = (diag(Σ_i ∇ℓ_i∇ℓ_iᵀ) + λ)^exponent``, as a factory.
+
+    The factory returns ``M⁻¹`` as a ``curvature.DiagonalOperator`` (what CG applies).
+
+    ``ℓ_i = loss_fn(model(x_i), y_i)`` is the loss of example ``i`` alone (per-example
+    gradients by ``torch.func.vmap`` over ``torch.func.grad``; the batch's reduction
+    decides whether the sum is averaged: ``reduction="mean"`` divides by the batch
+    size).  Pass the result as ``NewtonCG(..., preconditioner=diagonal_preconditioner(model,
+    loss_fn))``.  Cost per step: one vmapped per-example gradient pass; memory ``B·n``
+    (the per-example gradients of one batch).  The model must not hold BatchNorm in
+    training mode (examples are evaluated one at a time, in the model's current mode).
+    """
+    if not exponent > 0:
+        raise ValueError(f"Invalid exponent value: {exponent!r} (must be > 0).")
+    from curvature import DiagonalOperator
+
+    def factory(params: list[Tensor], batch, damping: float):
+        X, y = fp._split_batch(batch, "diagonal_preconditioner")
+        names = {id(p): n for n, p in model.named_parameters()}
+        keys = [names[id(p)] for p in params]
+        others = {n: p.detach() for n, p in model.named_parameters() if n not in set(keys)}
+
+        def loss_i(ps, xi, yi):
+            z = torch.func.functional_call(model, {**others, **dict(zip(keys, ps))}, (xi.unsqueeze(0),))
+            return loss_fn(z, yi.unsqueeze(0))
+
+        detached = tuple(p.detach() for p in params)
+        with torch.enable_grad():
+            grads = torch.func.vmap(torch.func.grad(loss_i), in_dims=(None, 0, 0))(detached, X, y)
+        sq = torch.cat([(gi.detach() ** 2).reshape(gi.shape[0], -1) for gi in grads], dim=1).sum(0)
+        if getattr(loss_fn, "reduction", "mean") == "mean":
+            sq = sq / X.shape[0]
+        return DiagonalOperator((sq + damping).pow(-exponent))
+
+    return factory
 
 
 class NewtonCG(torch.optim.Optimizer):
@@ -108,6 +148,10 @@ class NewtonCG(torch.optim.Optimizer):
             ``warm_start_decay`` (0.95; after a rejected step CG starts from zero).
         max_step_norm: optional bound on ``||s||`` (Euclidean).
         reject_increase: reject a step that increases the loss on the batch (default True).
+        preconditioner: optional ``factory(params, batch, damping)`` returning an SPD
+            ``LinearOperator`` or a callable ``R -> M⁻¹R`` (``R``: ``[n, k]``) applied by
+            CG, e.g. Martens' ``(diag(F) + λ)^{-3/4}`` from per-example gradients
+            (built once per step; ``damping`` is the current ``λ``).
         seed: base seed of Monte-Carlo Fisher curvature (step ``k`` uses ``seed + k``).
 
     Cost per step: one closure (forward + backward), building the operator, at most
@@ -139,6 +183,7 @@ class NewtonCG(torch.optim.Optimizer):
         warm_start: bool = True,
         warm_start_decay: float = 0.95,
         max_step_norm: float | None = None,
+        preconditioner: Callable[[list[Tensor], Any, float], Any] | None = None,
         reject_increase: bool = True,
         seed: int = 0,
     ) -> None:
@@ -159,6 +204,11 @@ class NewtonCG(torch.optim.Optimizer):
         if max_step_norm is not None:
             fp.check_positive("max_step_norm", max_step_norm)
         fp.check_curvature_spec(curvature, model, loss_fn, type(self).__name__)
+        if preconditioner is not None and not callable(preconditioner):
+            raise TypeError(
+                f"NewtonCG: preconditioner must be a callable factory(params, batch, damping), got "
+                f"{type(preconditioner).__name__}."
+            )
         defaults = dict(
             lr=lr, damping=damping, adapt_damping=adapt_damping, damping_increase=damping_increase,
             damping_decrease=damping_decrease, min_damping=min_damping, max_damping=max_damping,
@@ -172,6 +222,7 @@ class NewtonCG(torch.optim.Optimizer):
         self.loss_fn = loss_fn
         self.curvature = curvature
         self.curvature_kwargs = dict(curvature_kwargs or {})
+        self.preconditioner = preconditioner
 
     # ----------------------------------------------------------------- state
     def _global_state(self, params: list[Tensor]) -> dict:
@@ -294,12 +345,13 @@ class NewtonCG(torch.optim.Optimizer):
             x0 = None
             if group["warm_start"] and state["direction"] is not None and group["warm_start_decay"] > 0:
                 x0 = group["warm_start_decay"] * state["direction"]
+            precond = None if self.preconditioner is None else self.preconditioner(params, batch, lam)
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", ConvergenceWarning)  # truncated CG is the method
                     d, cg = A.solve(
                         -g, method="cg", tol=group["cg_tol"], maxiter=group["cg_maxiter"],
-                        x0=x0, full_output=True,
+                        x0=x0, full_output=True, preconditioner=precond,
                     )
                 info.update(cg_iterations=cg.num_iterations, cg_converged=cg.converged)
             except FloatingPointError:

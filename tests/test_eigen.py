@@ -10,7 +10,7 @@ from curvature import CallableOperator, ConvergenceWarning, DenseOperator, Hessi
 from dense_truth import dense_hessian
 from estimators import power_iteration, top_eigenvalues
 from models import make_case
-from spectra import operator_with_spectrum
+from spectra import operator_with_spectrum, single_thread  # noqa: F401  (autouse fixture)
 
 EPS = torch.finfo(torch.float64).eps
 N = 200

@@ -26,6 +26,7 @@ def test_newton_vs_adam_fast(tmp_path):
     png = tmp_path / "newton_vs_adam.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     newton, gns = summary["NewtonCG (GGN)"], summary["GNSNewton (GGN)"]
+    assert math.isfinite(summary["NewtonCG (GGN, diag precond)"]["loss_at_iters"])
     adam_it = next(v for k, v in summary.items() if "best @ it" in k)
     adam_t = next(v for k, v in summary.items() if "best @ time" in k)
     for row in (newton, gns, adam_it, adam_t):

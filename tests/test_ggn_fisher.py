@@ -68,6 +68,8 @@ def test_ggn_products_equal_dense(case):
     assert rel_err(op.to_dense(), G) < EXACT
     batched = GGNOperator(model, loss_fn, (X, y), batched=True)
     assert rel_err(batched @ V, G @ V) < EXACT
+    forward = GGNOperator(model, loss_fn, [(X[:3], y[:3]), (X[3:], y[3:])], jvp="forward")
+    assert rel_err(forward @ V, G @ V) < EXACT
 
 
 def test_exact_fisher_equals_ggn(case):
@@ -182,9 +184,43 @@ def test_block_diagonal_ggn_and_fisher():
     B = block_diagonal(GGNOperator, model, loss_fn, [(X[:5], y[:5]), (X[5:], y[5:])])
     assert B.names == ["0", "2", "4"]
     assert rel_err(B.to_dense(), G * mask) < EXACT
-    Bf = block_diagonal(FisherOperator, model, loss_fn, (X, y), kind="exact", grouping="parameter")
+    Bf = block_diagonal(FisherOperator, model, loss_fn, (X, y), kind="exact", grouping="parameter", jvp="forward")
     assert len(Bf.blocks) == 6
     D = Bf.to_dense()
     sizes_p = [p.numel() for p in model.parameters()]
     mask_p = torch.block_diag(*[torch.ones(s, s, dtype=G.dtype) for s in sizes_p])
     assert rel_err(D, G * mask_p) < EXACT
+
+
+def test_output_hessian_sqrt_factor():
+    from curvature.losses import output_hessian_sqrt
+
+    z = torch.randn(4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for lf in (nn.CrossEntropyLoss(), nn.MSELoss(reduction="sum"), nn.BCEWithLogitsLoss()):
+        S = output_hessian_sqrt(lf, z, lf.reduction)  # [C', B, C]
+        Lam = torch.block_diag(*[S[:, b, :].T @ S[:, b, :] for b in range(4)])
+        assert rel_err(Lam, dense_output_hessian(lf, z)) < EXACT
+
+
+def test_cross_entropy_with_trailing_dims():
+    """Per-position classification ([B, C, L] logits, [B, L] targets): closed form, MC, EF."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Conv1d(3, 3, 1)).double()
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(5, 2, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (5, 4), generator=g)
+    loss_fn = nn.CrossEntropyLoss()
+    G = _autograd_ggn(model, loss_fn, X, y)
+    assert rel_err(GGNOperator(model, loss_fn, (X, y)).to_dense(), G) < EXACT
+    assert rel_err(FisherOperator(model, loss_fn, (X, y), kind="exact").to_dense(), G) < EXACT
+    op = FisherOperator(model, loss_fn, (X, y), kind="mc", mc_samples=2, seed=1)
+    with torch.no_grad():
+        z = model(X)
+    S = sample_output_gradients(loss_fn, z, "mean", 2, op._batch_generator(0))  # [M, B, C, L]
+    onehot = torch.softmax(z, 1).unsqueeze(0) - S / math.sqrt(1 / 20 / 2)
+    assert torch.allclose(onehot.sum(2), torch.ones(2, 5, 4, dtype=z.dtype))  # a one-hot per position
+    J = dense_jacobian(model, X)  # rows in z's (B, C, L) order
+    Sf = S.reshape(2, 5, -1)
+    Lam = torch.block_diag(*[Sf[:, b].T @ Sf[:, b] for b in range(5)])
+    assert rel_err(op.to_dense(), J.T @ Lam @ J) < EXACT
+    EF = dense_empirical_fisher(model, loss_fn, X, y)  # c = 1 / (B L) for mean over B and L
+    assert rel_err(FisherOperator(model, loss_fn, (X, y), kind="empirical").to_dense(), EF) < EXACT

@@ -270,7 +270,7 @@ def test_default_curvature_is_exact_hessian_matrix_free_and_dense():
 
 
 def test_dense_hessian_fast_path_is_exact_through_layer_norm():
-    """Batched double backward equals column-by-column double backward and finite differences."""
+    """Vmapped forward-over-reverse equals column-by-column double backward and finite differences."""
     from curvature import FunctionHessianOperator
 
     gen = torch.Generator().manual_seed(0)

@@ -124,6 +124,8 @@ def test_bad_params_and_options(setup):
         HessianOperator(model, loss_fn, data, mode="test")
     with pytest.raises(ValueError, match="kind must be"):
         FisherOperator(model, loss_fn, data, kind="true")
+    with pytest.raises(ValueError, match="jvp must be"):
+        GGNOperator(model, loss_fn, data, jvp="fwd")
     with pytest.raises(ValueError, match="mc_samples"):
         FisherOperator(model, loss_fn, data, mc_samples=0)
     with pytest.raises(ValueError, match="grouping"):

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from curvature import CallableOperator, DenseOperator
-from estimators import hutchinson_diagonal, hutchinson_trace, hutchpp_trace, xtrace
+from estimators import hutchinson_diagonal, hutchinson_trace, hutchpp_trace, xdiag, xnystrace, xtrace
 from estimators._probes import draw_probes, make_generator, rademacher, sphere
-from spectra import operator_with_spectrum, paper_spectrum
+from spectra import operator_with_spectrum, paper_spectrum, single_thread  # noqa: F401  (autouse fixture)
 
 
 def _sym(n=60, seed=0):
@@ -69,9 +69,12 @@ def test_published_rates_on_fastexp():
     tr = float(lam.sum())
     xt = [xtrace(op, 120, seed=s) for s in range(5)]
     hp = [hutchpp_trace(op, 120, seed=s) for s in range(5)]
+    xn = [xnystrace(op, 120, seed=s) for s in range(5)]
     assert sum(abs(float(r.estimate) - tr) for r in xt) / 5 / tr < 1e-8
     assert sum(abs(float(r.estimate) - tr) for r in hp) / 5 / tr < 1e-5
-    assert all(r.num_matvecs == 120 for r in xt + hp)
+    # the paper's figure has XNysTrace at or below XTrace on PSD spectra
+    assert sum(abs(float(r.estimate) - tr) for r in xn) / 5 / tr < 1e-8
+    assert all(r.num_matvecs == 120 for r in xt + hp + xn)
 
 
 def test_lowrank_methods_beat_hutchinson_with_3x_fewer_products():
@@ -109,6 +112,21 @@ def test_hutchpp_unbiased_statistically():
     assert abs(float(est.mean()) - tr) <= 4 * float(est.std()) / math.sqrt(200)
 
 
+def test_xnystrace_unbiased_and_calibrated_on_psd():
+    lam = paper_spectrum("poly", 300)
+    op, _ = operator_with_spectrum(lam, seed=8)
+    tr = float(lam.sum())
+    rs = [xnystrace(op, 30, seed=s) for s in range(100)]
+    est = torch.tensor([float(r.estimate) for r in rs])
+    assert abs(float(est.mean()) - tr) <= 4 * float(est.std()) / 10
+    rms = float((est - tr).pow(2).mean().sqrt())
+    se = math.sqrt(sum(float(r.std_error) ** 2 for r in rs) / 100)
+    assert 1 / 3 < se / rms < 3
+    indefinite, _ = operator_with_spectrum(torch.linspace(-1, 1, 50, dtype=torch.float64))
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        xnystrace(indefinite, 10)
+
+
 def test_diagonal_unbiased_calibrated_and_exact_on_diagonal_matrix():
     d = torch.linspace(-3, 3, 40, dtype=torch.float64)
     r = hutchinson_diagonal(DenseOperator(torch.diag(d)), 3, seed=0)
@@ -126,6 +144,24 @@ def test_diagonal_unbiased_calibrated_and_exact_on_diagonal_matrix():
         assert res.num_matvecs == 400
     z2 = torch.cat(z2)
     assert abs(float(z2.mean()) - 1) < 0.3  # 250 entries: sd of mean(z^2) ~ 0.09
+
+
+def test_xdiag_unbiased_and_exact_on_fast_decay():
+    # unbiased: mean over 200 seeds within 4 standard errors of the mean, entry by entry
+    op = _sym(30, seed=6)
+    est = torch.stack([xdiag(op, 20, seed=s).estimate for s in range(200)])
+    z = (est.mean(0) - op.matrix.diagonal()) / (est.std(0) / math.sqrt(200))
+    # 30 entries: sd of mean(z^2) ~ sqrt(2/30) = 0.26, so 4 sd is ~1
+    assert float(z.abs().max()) < 4.5 and abs(float((z**2).mean()) - 1) < 1.0
+    # fastexp: the rank-50 sketch captures everything to ~0.7^50
+    lam = paper_spectrum("fastexp", 500)
+    op, _ = operator_with_spectrum(lam, seed=2)
+    d = op.matrix.diagonal()
+    xd = xdiag(op, 100, seed=0)
+    hd = hutchinson_diagonal(op, 100, seed=0)
+    assert float((xd.estimate - d).norm() / d.norm()) < 1e-5
+    assert float((hd.estimate - d).norm() / d.norm()) > 0.1
+    assert xd.num_matvecs == 100
 
 
 def test_reproducible_and_generator_dependent():
@@ -153,6 +189,8 @@ def test_bad_input():
         hutchpp_trace(op, 2)
     with pytest.raises(ValueError, match="n > m/2"):
         xtrace(op, 40)
+    with pytest.raises(ValueError, match="n > m/2"):
+        xdiag(op, 40)
     with pytest.raises(ValueError, match="probe"):
         hutchinson_trace(op, 5, probe="uniform")
     with pytest.raises(ValueError, match="either seed"):
