@@ -21,6 +21,8 @@ from .structured import (
 )
 from . import losses
 from .backpack import ggn_diagonal, hessian_diagonal
+from .kfac import kfac
+from .kronecker import KFACOperator, KroneckerOperator
 from .blocks import block_diagonal, parameter_groups
 from .fisher import FisherOperator
 from .ggn import GGNOperator
@@ -50,4 +52,7 @@ __all__ = [
     "losses",
     "ggn_diagonal",
     "hessian_diagonal",
+    "kfac",
+    "KroneckerOperator",
+    "KFACOperator",
 ]

@@ -19,6 +19,7 @@ Functions return a :class:`~curvature.DiagonalOperator` (``param_shapes`` set): 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -30,6 +31,33 @@ from ._empirical_risk import BatchLoop, check_loss, model_state, resolve_params
 from .structured import DiagonalOperator
 
 __all__ = ["ggn_diagonal", "hessian_diagonal"]
+
+
+def _extended_copies(model: nn.Module, loss_fn, names) -> tuple[nn.Module, object, dict]:
+    """BackPACK-extended deep copies of ``model`` and ``loss_fn`` (the user's objects stay untouched).
+
+    Only the parameters named in ``names`` require grad in the copy.  Returns
+    ``(model copy, loss copy, {name: parameter of the copy})``.
+    """
+    import backpack
+
+    work = copy.deepcopy(model)
+    lf = copy.deepcopy(loss_fn)
+    named = dict(work.named_parameters())
+    for n, p in named.items():
+        p.requires_grad_(n in names)
+        p.grad = None
+    return backpack.extend(work), backpack.extend(lf), named
+
+
+@contextlib.contextmanager
+def _seeded_batch(seed: int, batch_index: int, device: torch.device):
+    """Fork the global RNG (and the CUDA one of ``device``) seeded from ``(seed, batch_index)``."""
+    rng_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):
+        state = np.random.SeedSequence([int(seed) & (2**63 - 1), batch_index]).generate_state(2, np.uint32)
+        torch.manual_seed(int(state[0]) << 31 ^ int(state[1]))
+        yield
 
 
 def _backpack_diagonal(model, loss_fn, data, params, extension_name: str, attribute: str,
@@ -54,24 +82,13 @@ def _backpack_diagonal(model, loss_fn, data, params, extension_name: str, attrib
     device = chosen[0].device
     loop = BatchLoop(data, device, reduction, order_sensitive=extension_name == "DiagGGNMC", check=check_data)
 
-    # Work on copies: extend() installs hooks and attributes (never on the user's objects).
-    work = copy.deepcopy(model)
-    lf = copy.deepcopy(loss_fn)
-    named = dict(work.named_parameters())
-    for n, p in named.items():
-        p.requires_grad_(n in names)
-        p.grad = None
-    work = backpack.extend(work)
-    lf = backpack.extend(lf)
+    work, lf, named = _extended_copies(model, loss_fn, names)
     ext = getattr(extensions, extension_name)
     ext = ext(mc_samples=mc_samples) if extension_name == "DiagGGNMC" else ext()
 
     acc = [torch.zeros_like(p) for p in chosen]
     for b, X, y, w in loop:
-        rng_devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=rng_devices), model_state(work, mode), torch.enable_grad():
-            state = np.random.SeedSequence([int(seed) & (2**63 - 1), b]).generate_state(2, np.uint32)
-            torch.manual_seed(int(state[0]) << 31 ^ int(state[1]))
+        with _seeded_batch(seed, b, device), model_state(work, mode), torch.enable_grad():
             loss = lf(work(X), y)
             if loss.numel() != 1:
                 raise ValueError("The loss must be a scalar (reduction 'mean' or 'sum').")

@@ -56,8 +56,11 @@ def _order(theta: Tensor, which: str) -> Tensor:
 def _orthonormalize_against(V: Tensor, D: Tensor, drop: float) -> Tensor:
     """Columns of ``D`` made orthonormal to ``V`` (``[n, m]``) and to each other.
 
-    Classical Gram-Schmidt twice; a column whose norm falls below ``drop`` times its
-    original norm is dropped (it lay in the span already).
+    Classical Gram-Schmidt with the DGKS test: a second pass only when the first one
+    removed more than ~30% of the norm (residual directions are orthogonal to ``V`` up
+    to rounding, so one pass usually suffices; each pass reads all of ``V``).  A column
+    whose norm falls below ``drop`` times its original norm is dropped (it lay in the
+    span already).
     """
     out = []
     for j in range(D.shape[1]):
@@ -65,17 +68,38 @@ def _orthonormalize_against(V: Tensor, D: Tensor, drop: float) -> Tensor:
         n0 = d.norm()
         if not n0 > 0:
             continue
-        for _ in range(2):
+        prev = n0
+        for _ in range(3):
             if V.shape[1]:
                 d = d - V @ (V.T @ d)
             for u in out:
                 d = d - u * (u @ d)
+            nd = d.norm()
+            if nd > 0.7 * prev:
+                break
+            prev = nd
         nd = d.norm()
         if nd > drop * n0:
             out.append(d / nd)
     if not out:
         return D.new_zeros(D.shape[0], 0)
     return torch.stack(out, dim=1)
+
+
+def _threshold(th: Tensor, theta_all: Tensor, tol: float, eps: float, anorm: float,
+               criterion: str, res: Tensor | None) -> Tensor:
+    """Residual norm below which each wanted Ritz pair counts as converged."""
+    thr = torch.clamp(tol * torch.clamp(th.abs(), min=eps ** (2.0 / 3.0) * anorm), min=50 * eps * anorm)
+    if criterion == "residual":
+        return thr
+    gaps = torch.empty_like(th)
+    for i in range(th.numel()):
+        d = (theta_all - th[i]).abs()
+        d = d[d > 0]
+        gaps[i] = d.min() if d.numel() else anorm
+    if res is not None:
+        gaps = gaps - res
+    return torch.maximum(thr, (thr * gaps.clamp(min=0)).sqrt())
 
 
 def _error_bounds(theta_sel: Tensor, theta_all: Tensor, res: Tensor) -> Tensor:
@@ -101,6 +125,7 @@ def top_eigenvalues(
     generator: torch.Generator | None = None,
     max_basis: int | None = None,
     block_size: int = 1,
+    criterion: str = "residual",
 ) -> EigenResult:
     """The ``k`` extreme eigenpairs of a symmetric operator by thick-restart Lanczos.
 
@@ -126,6 +151,14 @@ def top_eigenvalues(
         block_size: vectors added per step (one block product ``op @ [n, b]``);
             ``1`` is plain Lanczos and the fewest products, larger blocks help when a
             block product costs less than ``b`` single ones (GPUs, vmap).
+        criterion: ``"residual"`` (default; the residual test of the module docstring)
+            or ``"eigenvalue"``: stop when the eigenvalue error bound
+            ``min(r_i, r_i^2 / gap_i)`` is below the same threshold, i.e.
+            ``r_i <= max(thr_i, sqrt(thr_i * gap_i))``, with ``gap_i`` the distance from
+            ``theta_i`` to the nearest other Ritz value minus ``r_i``.  Far fewer products
+            for eigenvalues alone, but the gap comes from Ritz values: an eigenvalue the
+            Krylov space has not found yet can make the bound optimistic (eigenvectors
+            are then accurate only to about ``r_i / gap_i``).
 
     Returns:
         :class:`~estimators.results.EigenResult` (``eigenvalues [k]``, ``eigenvectors
@@ -145,6 +178,8 @@ def top_eigenvalues(
         raise ValueError(f"k must satisfy 1 <= k <= n = {n}, got k = {k}.")
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}.")
+    if criterion not in ("residual", "eigenvalue"):
+        raise ValueError(f"Unknown criterion={criterion!r}; use 'residual' or 'eigenvalue'.")
     b = int(block_size)
     if b < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}.")
@@ -154,17 +189,22 @@ def top_eigenvalues(
     budget = max(1000, 20 * mb) if max_matvecs is None else int(max_matvecs)
     gen, seed_used = make_generator(seed, generator, op.device)
     dtype, device = op.dtype, op.device
+    # Krylov bookkeeping (basis, projections, Ritz vectors) in float64 for lower-precision
+    # operators: O(n m) per step, cheap next to a product, and it keeps the Rayleigh-Ritz
+    # values from losing ~sqrt(n) eps_32 to long float32 dot products.  Floors below use
+    # the operator's epsilon (the products' rounding).
+    wdtype = torch.float64 if dtype in (torch.float32, torch.float16, torch.bfloat16) else dtype
     eps = torch.finfo(dtype).eps
     eps23 = eps ** (2.0 / 3.0)
     before = op.num_matvecs
 
     # ---- start basis
     if v0 is None:
-        D = torch.randn(n, 1, generator=gen, device=device, dtype=dtype)
+        D = torch.randn(n, 1, generator=gen, device=device, dtype=dtype).to(wdtype)
     else:
         if not isinstance(v0, Tensor) or v0.dim() not in (1, 2) or v0.shape[0] != n:
             raise ValueError(f"v0 must have shape [{n}] or [{n}, j], got {getattr(v0, 'shape', v0)}.")
-        D = v0.to(device=device, dtype=dtype)
+        D = v0.to(device=device, dtype=wdtype)
         D = D.unsqueeze(1) if D.dim() == 1 else D
         if not bool(torch.isfinite(D).all()):
             raise ValueError("v0 contains NaN or inf.")
@@ -172,17 +212,18 @@ def top_eigenvalues(
             # one Krylov sequence from the sum of the (normalized) columns: rich in every
             # warm direction, and measured to beat a Rayleigh-Ritz step on the block
             # (e.g. 12 vs 23 products for the top 5 after a 1e-4 perturbation)
-            D = (D / D.norm(dim=0).clamp(min=torch.finfo(dtype).tiny)).sum(dim=1, keepdim=True)
+            D = (D / D.norm(dim=0).clamp(min=torch.finfo(wdtype).tiny)).sum(dim=1, keepdim=True)
         D = D[:, : max(1, mb - b)]
         seed_used = seed_used if generator is None and seed is not None else None
-    V = torch.empty(n, mb, device=device, dtype=dtype)
-    W = torch.empty(n, mb, device=device, dtype=dtype)
-    H = torch.zeros(mb, mb, device=device, dtype=dtype)
-    G = torch.zeros(mb, mb, device=device, dtype=dtype)
+    V = torch.empty(n, mb, device=device, dtype=wdtype)
+    W = torch.empty(n, mb, device=device, dtype=wdtype)
+    H = torch.zeros(mb, mb, device=device, dtype=wdtype)
+    G = torch.zeros(mb, mb, device=device, dtype=wdtype)
     m = 0
     anorm = 0.0
     restarts = 0
-    drop = math.sqrt(eps)
+    eps_w = torch.finfo(wdtype).eps
+    drop = math.sqrt(eps_w)
 
     def append(D: Tensor) -> int:
         nonlocal m
@@ -190,7 +231,7 @@ def top_eigenvalues(
         if D.shape[1] == 0:
             return 0
         j = D.shape[1]
-        WD = op.matmat(D)
+        WD = op.matmat(D.to(dtype)).to(wdtype)
         V[:, m:m + j] = D
         W[:, m:m + j] = WD
         hc = V[:, : m + j].T @ WD
@@ -214,15 +255,17 @@ def top_eigenvalues(
         kk = min(k, m)
         sel = order[:kk]
         th, Ys = theta[sel], Y[:, sel]
-        thresh = torch.clamp(tol * torch.clamp(th.abs(), min=eps23 * anorm), min=50 * eps * anorm)
-        # cheap screening of residual norms from the Gram matrix G = W^T W (cancels
-        # below ~sqrt(eps) |theta|), exact residuals only where they may be converged
+        thresh = _threshold(th, theta, tol, eps, anorm, criterion, None)
+        # cheap screening of residual norms from the Gram matrix G = W^T W (accurate
+        # down to ~sqrt(eps_work) |theta|); the exact residuals W y - theta V y read all
+        # of V and W, so they are formed only where a pair may have converged
         est = ((Ys * (G[:m, :m] @ Ys)).sum(0) - th**2).clamp(min=0).sqrt()
-        near = est <= 10 * thresh + 10 * math.sqrt(eps) * anorm
+        near = est <= 10 * thresh + 10 * math.sqrt(eps_w) * anorm
         res = est.clone()
         if bool(near.any()) or m == n:
             R = W[:, :m] @ Ys - V[:, :m] @ (Ys * th)
             res = R.norm(dim=0)
+        thresh = _threshold(th, theta, tol, eps, anorm, criterion, res)
         conv = (res <= thresh) | torch.tensor(m == n, device=device)
         spent = op.num_matvecs - before
         if (m >= k and bool(conv.all())) or spent >= budget:
@@ -242,7 +285,7 @@ def top_eigenvalues(
             restarts += 1
             # the wanted vectors are columns 0..kk-1 of the new basis
             unconv = torch.nonzero(~conv).flatten()
-            Ysel = torch.eye(keep, device=device, dtype=dtype)[:, unconv]
+            Ysel = torch.eye(keep, device=device, dtype=wdtype)[:, unconv]
             th_u = theta[idx][unconv]
         else:
             unconv = torch.nonzero(~conv).flatten()
@@ -251,7 +294,7 @@ def top_eigenvalues(
             Ysel = Ys[:, unconv]
             th_u = th[unconv]
         if b == 1:
-            g = torch.randn(Ysel.shape[1], 1, generator=gen, device=device, dtype=dtype)
+            g = torch.randn(Ysel.shape[1], 1, generator=gen, device=device, dtype=dtype).to(wdtype)
             D = W[:, :m] @ (Ysel @ g) - V[:, :m] @ (Ysel @ (th_u[:, None] * g))
         else:
             Yb, tb = Ysel[:, :b], th_u[:b]
@@ -262,7 +305,7 @@ def top_eigenvalues(
             # invariant subspace: continue with a random direction
             if m >= n:
                 break
-            R0 = torch.randn(n, max(1, min(b, mb - m)), generator=gen, device=device, dtype=dtype)
+            R0 = torch.randn(n, max(1, min(b, mb - m)), generator=gen, device=device, dtype=dtype).to(wdtype)
             if append(R0) == 0:
                 break
 
@@ -274,7 +317,7 @@ def top_eigenvalues(
     th, Ys = theta[sel], Y[:, sel]
     X = V[:, :m] @ Ys
     res = (W[:, :m] @ Ys - X * th).norm(dim=0)
-    thresh = torch.clamp(tol * torch.clamp(th.abs(), min=eps23 * anorm), min=50 * eps * anorm)
+    thresh = _threshold(th, theta, tol, eps, anorm, criterion, res)
     conv = (res <= thresh) | torch.tensor(m == n, device=device)
     if kk < k or not bool(conv.all()):
         warnings.warn(
@@ -285,10 +328,10 @@ def top_eigenvalues(
             stacklevel=2,
         )
     return EigenResult(
-        eigenvalues=th,
-        eigenvectors=X,
-        residuals=res,
-        error_bounds=_error_bounds(th, theta, res),
+        eigenvalues=th.to(dtype),
+        eigenvectors=X.to(dtype),
+        residuals=res.to(dtype),
+        error_bounds=_error_bounds(th, theta, res).to(dtype),
         converged=conv,
         num_matvecs=op.num_matvecs - before,
         num_restarts=restarts,

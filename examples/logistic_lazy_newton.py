@@ -54,7 +54,7 @@ def main(argv=None) -> dict:
         f"lazy regularized Newton (m = {d})": lambda: solvers.lazy_regularized_newton(prob.f, prob.x0, curvature=H,
                                                                                       gtol=args.gtol),
         "gradient descent": lambda: solvers.gradient_descent(prob.f, prob.x0, gtol=args.gtol,
-                                                             maxiter=300 if args.fast else 3000),
+                                                             maxiter=300 if args.fast else 1000),
     }
     results, wall = {}, {}
     for name, run in runs.items():

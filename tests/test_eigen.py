@@ -147,6 +147,18 @@ def test_power_iteration_matches_eigvalsh():
     assert (res.error_bounds <= res.residuals).all()
 
 
+@pytest.mark.parametrize("name", ["large_gap", "negative", "clustered"])
+def test_eigenvalue_criterion_meets_tolerance_with_fewer_products(name):
+    lam = _spectrum(name)
+    op, _ = operator_with_spectrum(lam, seed=3)
+    truth = _truth(lam, "LA", 5)
+    fast = top_eigenvalues(op, 5, tol=1e-8, criterion="eigenvalue", seed=0)
+    full = top_eigenvalues(op, 5, tol=1e-8, seed=0)
+    assert fast.all_converged and fast.num_matvecs <= full.num_matvecs
+    assert ((fast.eigenvalues - truth).abs() <= 1e-8 * truth.abs()).all()
+    assert (fast.error_bounds <= 1e-8 * truth.abs() * 1.01).all()
+
+
 def test_small_n_and_k_equals_n():
     lam = torch.tensor([3.0, -1.0, 2.0, 0.5], dtype=torch.float64)
     op, _ = operator_with_spectrum(lam, seed=0)
@@ -189,6 +201,8 @@ def test_bad_input():
         top_eigenvalues(sym, 7)
     with pytest.raises(ValueError, match="k must satisfy"):
         power_iteration(sym, 0)
+    with pytest.raises(ValueError, match="criterion"):
+        top_eigenvalues(sym, 1, criterion="loose")
     with pytest.raises(ValueError, match="which"):
         top_eigenvalues(sym, 1, which="BE")
     with pytest.raises(ValueError, match="v0"):

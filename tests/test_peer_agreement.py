@@ -219,6 +219,66 @@ def test_operator_matches_dense_truth_and_curvlinops(case, kind):
     assert all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
 
 
+# CrossEntropyLoss(mean) with ignore_index / class weights averages over the *effective* count
+# (sum of the weights of non-ignored targets), not over the batch size.
+def _effective_case():
+    net = _mlp(3)
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(8, 4, generator=g, dtype=DT)
+    y = torch.tensor([0, 1, 2, 1, 0, 1, 2, 2])
+    V = torch.randn(sum(p.numel() for p in net.parameters()), 2, generator=g, dtype=DT)
+    return net, X, y, V
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Hessian/GGN over unequal batches with CrossEntropyLoss(ignore_index=...) mean: batch weight "
+    "B_b/N ignores that PyTorch averages over non-ignored targets (23% error here, silent)"))
+def test_hessian_batches_with_ignore_index():
+    net, X, y, V = _effective_case()
+    lf = nn.CrossEntropyLoss(ignore_index=1)
+    op = curvature.HessianOperator(net, lf, [(X[:4], y[:4]), (X[4:], y[4:])])
+    assert rel(op @ V, dense_hessian(net, lf, X, y) @ V) < RTOL
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Hessian over batches with class-weighted CrossEntropyLoss mean: PyTorch divides by the sum "
+    "of target weights per batch; weights B_b/N give a 1% error, silently"))
+def test_hessian_batches_with_class_weights():
+    net, X, y, V = _effective_case()
+    lf = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5], dtype=DT))
+    op = curvature.HessianOperator(net, lf, [(X[:3], y[:3]), (X[3:], y[3:])])
+    assert rel(op @ V, dense_hessian(net, lf, X, y) @ V) < RTOL
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "FisherOperator(kind='empirical') with CrossEntropyLoss(ignore_index) mean uses c = 1/B "
+    "instead of 1/(non-ignored count): off by B/B_eff (1.6x here)"))
+def test_empirical_fisher_with_ignore_index():
+    net, X, y, V = _effective_case()
+    lf = nn.CrossEntropyLoss(ignore_index=1)
+    theta = _theta(net).requires_grad_(True)
+    per = nn.CrossEntropyLoss(reduction="sum", ignore_index=1)
+    G = torch.stack([torch.autograd.grad(per(_flat_fn(net, X[n:n + 1])(theta), y[n:n + 1]), theta)[0]
+                     for n in range(8)])
+    EF = G.T @ G / int((y != 1).sum())
+    op = curvature.FisherOperator(net, lf, (X, y), kind="empirical")
+    assert rel(op @ V, EF @ V) < RTOL
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "FisherOperator(kind='empirical') with a custom loss that has no .reduction (here a summed "
+    "squared error) silently assumes reduction='mean': EF is B times too large (6x here); it "
+    "should raise and ask for reduction= as BatchLoop does for several batches"))
+def test_empirical_fisher_custom_sum_loss():
+    net, X, _, V = _effective_case()
+    y = torch.randn(8, 3, generator=torch.Generator().manual_seed(4), dtype=DT)
+    theta = _theta(net).requires_grad_(True)
+    G = torch.stack([torch.autograd.grad(((_flat_fn(net, X[n:n + 1])(theta) - y[n:n + 1]) ** 2).sum(), theta)[0]
+                     for n in range(8)])
+    op = curvature.FisherOperator(net, lambda z, t: ((z - t) ** 2).sum(), (X, y), kind="empirical")
+    assert rel(op @ V, (G.T @ G) @ V) < RTOL
+
+
 # --------------------------------------------------------------------- BackPACK diagonals
 DIAG_CASES = [(m, l, r, b) for m in MODELS for l in ("ce", "mse", "bce1") for r in ("mean", "sum")
               for b in ("single", "batches")]
@@ -272,7 +332,7 @@ def _sym(evals, seed=0, dtype=DT):
 
 N_SPEC = 60
 SPECTRA = {  # hard spectra without exact ties (ties -> see the multiplicity xfails)
-    "cluster": [10.0 - 1e-3 * i for i in range(8)] + list(np.linspace(-1, 1, N_SPEC - 8)),
+    "cluster": [10.0 - 1e-3 * i for i in range(8)] + list(np.linspace(-1.03, 0.97, N_SPEC - 8)),
     "tinygap": [5.0, 5.0 - 1e-7, 5.0 - 2e-7] + list(np.linspace(-4.1, 3.9, N_SPEC - 6)) + [-5.3, -5.3 + 1e-7, -5.3 + 2e-7],
     "negative": list(-np.logspace(0, 3, 30)) + list(np.logspace(-2, 1, 30)),
     "rankdef": [0.0] * 40 + list(np.logspace(0, 2, 20)),
@@ -288,18 +348,20 @@ def _wanted(ev: torch.Tensor, which: str, k: int) -> torch.Tensor:
     return ev[ev.abs().argsort(descending=True)][:k]
 
 
-@pytest.mark.parametrize("k", [1, 5, 10])
-@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
-@pytest.mark.parametrize("spectrum", list(SPECTRA))
+# rankdef-SA with k > 1 asks for a 40-fold zero: see test_top_eigenvalues_finds_multiplicities
+EIG_CASES = [(s, w, k) for s in SPECTRA for w in ("LA", "SA", "LM") for k in (1, 5, 10)
+             if not (s == "rankdef" and w == "SA" and k > 1)]
+
+
+@pytest.mark.parametrize("spectrum, which, k", EIG_CASES, ids=["-".join(map(str, c)) for c in EIG_CASES])
 def test_top_eigenvalues_vs_eigvalsh_and_eigsh(spectrum, which, k):
-    if spectrum == "rankdef" and which == "SA" and k > 1:
-        pytest.skip("exact multiplicity: covered by test_top_eigenvalues_finds_multiplicities")
     A = _sym(SPECTRA[spectrum])
     op = curvature.DenseOperator(A)
     ev = torch.linalg.eigvalsh(A)
     anorm = float(ev.abs().max())
     before = op.num_matvecs
     r = estimators.top_eigenvalues(op, k, which, tol=1e-10, seed=0)
+    assert r.num_matvecs == op.num_matvecs - before
     truth = _wanted(ev, which, k)
     # eigenvalues (residual tol 1e-10 relative -> |theta - lambda| <= r <= 1e-10 |theta| ...)
     assert torch.allclose(r.eigenvalues, truth, rtol=0, atol=1e-8 * anorm)
@@ -311,7 +373,6 @@ def test_top_eigenvalues_vs_eigvalsh_and_eigsh(spectrum, which, k):
     true_res = (A @ X - X * r.eigenvalues).norm(dim=0)
     assert torch.allclose(r.residuals, true_res, rtol=1e-6, atol=1e-12 * anorm)
     assert torch.allclose(X.T @ X, torch.eye(k, dtype=DT), atol=1e-10)
-    assert r.num_matvecs == op.num_matvecs - before
 
 
 @pytest.mark.parametrize(
@@ -423,6 +484,16 @@ def test_trace_estimators_unbiased(method):
     assert abs(float(est.mean()) - float(A.trace())) <= 5 * float(est.std()) / math.sqrt(60)
 
 
+def test_hutchinson_diagonal_within_exact_error():
+    A = _sym(SPECTRA["indefinite"])
+    m = 400
+    r = estimators.hutchinson_diagonal(curvature.DenseOperator(A), m, seed=0)
+    # Rademacher: Var(est_i) = sum_{j != i} A_ij^2 / m exactly
+    sigma = ((A * A).sum(dim=1) - A.diagonal() ** 2).div(m).sqrt()
+    assert bool(((r.estimate - A.diagonal()).abs() <= 5 * sigma).all())
+    assert r.num_matvecs == m
+
+
 def test_spectral_density_moments_and_plot(tmp_path):
     ev = torch.cat([torch.linspace(-1, 1, 38, dtype=DT), torch.tensor([20.0, -15.0], dtype=DT)])
     op = curvature.DenseOperator(_sym(ev))
@@ -494,3 +565,156 @@ def test_estimators_leave_global_rng_and_dtype():
         assert estimators.hutchinson_diagonal(H, 4).estimate.dtype == dt
         assert estimators.spectral_density(H, 2, 5).nodes.dtype == dt
     assert torch.equal(state, torch.get_rng_state())
+
+
+# ======================================================================== 3. solvers
+def _rosenbrock(x):
+    return (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
+
+
+def _logreg_problem():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(100, 5, generator=g, dtype=DT)
+    b = (torch.rand(100, generator=g, dtype=DT) < torch.sigmoid(A @ torch.ones(5, dtype=DT))).to(DT)
+    lam = 1e-2
+
+    def f(w):
+        return nn.functional.binary_cross_entropy_with_logits(A @ w, b) + 0.5 * lam * (w @ w)
+
+    ref = scipy.optimize.minimize(
+        lambda w: float(f(torch.tensor(w))), np.zeros(5),
+        jac=lambda w: torch.func.grad(f)(torch.tensor(w)).numpy(), method="BFGS", options={"gtol": 1e-12})
+    return f, ref.x, lam
+
+
+MIN_METHODS = ["cubic_newton", "lazy_cubic_newton", "lazy_regularized_newton", "gns", "gns_gradient"]
+
+
+@pytest.mark.parametrize("method", MIN_METHODS)
+def test_minimize_vs_scipy_optimum(method):
+    # logistic regression: lam-strongly convex, so |x - x*| <= ||grad|| / lam <= 1e-8 / 1e-2
+    f, xstar, lam = _logreg_problem()
+    r = solvers.minimize(f, torch.zeros(5, dtype=DT), method=method, gtol=1e-8, maxiter=500)
+    assert r.success and r.grad_norm <= 1e-8
+    assert np.linalg.norm(r.x.numpy() - xstar) <= 1e-8 / lam + 1e-9
+    assert abs(r.fun - float(f(torch.tensor(xstar)))) <= 1e-12
+    if method == "gns_gradient":
+        return  # a first-order method: Rosenbrock's valley takes it >> 2000 iterations
+    # Rosenbrock: optimum (1, 1); smallest Hessian eigenvalue there ~0.4, so |x - x*| <= 2.5 ||grad||
+    r = solvers.minimize(_rosenbrock, torch.tensor([-1.2, 1.0], dtype=DT), method=method, gtol=1e-8, maxiter=2000)
+    assert r.success
+    assert np.linalg.norm(r.x.numpy() - np.ones(2)) <= 2.5 * r.grad_norm + 1e-12
+    assert len(r.history.fun) >= 1 and r.nit >= 1
+
+
+def test_minimize_bad_inputs_raise_clearly():
+    x0 = torch.tensor([-1.2, 1.0], dtype=DT)
+    with pytest.raises(ValueError, match="Unknown method"):
+        solvers.minimize(_rosenbrock, x0, method="newton")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        solvers.minimize(_rosenbrock, x0, method="cubic_newton", foo=1)
+    with pytest.raises(ValueError, match="scalar"):
+        solvers.minimize(lambda x: x ** 2, x0)
+    with pytest.raises(ValueError, match="not finite"):
+        solvers.minimize(lambda x: (x ** 2).sum() * float("nan"), x0)
+
+
+def _tiny_regression():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(32, 4, generator=g, dtype=DT)
+    y = torch.sin(X @ torch.randn(4, 1, generator=g, dtype=DT))
+    torch.manual_seed(1)  # the model's init only (test-local)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1)).double(), nn.MSELoss(), X, y
+
+
+def _build_opt(name, model, lf):
+    if name == "NewtonCG":
+        return solvers.NewtonCG(model.parameters(), model=model, loss_fn=lf, damping=1.0)
+    if name == "GNSNewton":
+        return solvers.GNSNewton(model.parameters(), model=model, loss_fn=lf)
+    est = solvers.HutchinsonEstimator(model, lf, seed=0)
+    return solvers.Sophia(model.parameters(), lr=1e-2, estimator=est, update_interval=1)
+
+
+def _opt_step(name, opt, model, lf, X, y):
+    def closure():
+        opt.zero_grad()
+        loss = lf(model(X), y)
+        loss.backward()
+        return loss
+
+    if name == "Sophia":
+        return opt.step(closure, curvature_input=(X, y))
+    return opt.step(closure, batch=(X, y))
+
+
+@pytest.mark.parametrize("name", ["NewtonCG", "GNSNewton", "Sophia"])
+def test_optimizer_state_dict_round_trip_and_progress(name):
+    model, lf, X, y = _tiny_regression()
+    opt = _build_opt(name, model, lf)
+    with torch.no_grad():
+        f0 = float(lf(model(X), y))
+    for _ in range(3):
+        _opt_step(name, opt, model, lf, X, y)
+    with torch.no_grad():
+        assert float(lf(model(X), y)) < f0  # a descent method on a smooth problem
+    clone = copy.deepcopy(model)
+    opt2 = _build_opt(name, clone, lf)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for _ in range(2):
+        _opt_step(name, opt, model, lf, X, y)
+        _opt_step(name, opt2, clone, lf, X, y)
+    for p, q in zip(model.parameters(), clone.parameters()):
+        assert torch.equal(p, q)
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_optimizers_reject_bad_hyperparameters():
+    model, lf, X, y = _tiny_regression()
+    with pytest.raises(ValueError, match="learning rate"):
+        solvers.Sophia(model.parameters(), lr=-1.0)
+    with pytest.raises(ValueError, match="beta"):
+        solvers.Sophia(model.parameters(), betas=(1.5, 0.9))
+    with pytest.raises(ValueError):
+        solvers.NewtonCG(model.parameters(), model=model, loss_fn=lf, damping_increase=0.5)
+
+
+def test_scaled_gd_recovers_low_rank_matrix():
+    prob = solvers.matrix_sensing_problem(20, 2, kappa=5.0, seed=0)
+    res = solvers.scaled_gd(prob, 2, maxiter=500, tol=1e-10)
+    L, R = res.factors
+    # recovery of the ground truth, recomputed from the factors (not the reported error)
+    assert float((L @ R.T - prob.X_star).norm() / prob.X_star.norm()) <= 1e-9
+
+
+# ================================================================ 4. API and usability
+def test_public_names_of_the_design_contract():
+    for name in ("HessianOperator", "GGNOperator", "FisherOperator", "DenseOperator", "DiagonalOperator",
+                 "IdentityOperator"):
+        assert hasattr(curvature, name), name
+    assert callable(curvature.HessianOperator.from_function)
+    for name in ("hutchinson_trace", "hutchpp_trace", "xtrace", "hutchinson_diagonal", "power_iteration",
+                 "lanczos", "top_eigenvalues", "spectral_density", "sharpness", "SharpnessMonitor"):
+        assert hasattr(estimators, name), name
+    for name in ("minimize", "Sophia", "NewtonCG", "GNSNewton", "ScaledGD"):
+        assert hasattr(solvers, name), name
+    for method in ("cubic_newton", "lazy_cubic_newton", "lazy_regularized_newton", "gns", "gns_gradient"):
+        assert method in solvers.METHODS
+    # HessianOperator.from_function: the Hessian of a plain function, vs the closed form
+    x = torch.tensor([0.3, -0.2], dtype=DT)
+    H = curvature.HessianOperator.from_function(_rosenbrock, x).to_dense()
+    closed = torch.tensor([[1200 * 0.09 - 400 * (-0.2) + 2, -400 * 0.3], [-400 * 0.3, 200.0]], dtype=DT)
+    assert torch.allclose(H, closed, rtol=1e-12)
+
+
+def test_estimator_results_are_frozen():
+    import dataclasses
+
+    op = curvature.DenseOperator(_sym(SPECTRA["indefinite"]))
+    for r in (estimators.top_eigenvalues(op, 2), estimators.hutchinson_trace(op, 4), estimators.xtrace(op, 8),
+              estimators.hutchpp_trace(op, 9), estimators.hutchinson_diagonal(op, 4),
+              estimators.spectral_density(op, 2, 5), estimators.lanczos(op, 5),
+              solvers.minimize(_rosenbrock, torch.tensor([0.0, 0.0], dtype=DT), maxiter=3)):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(r, dataclasses.fields(r)[0].name, None)
