@@ -60,8 +60,9 @@ class OptimizeResult:
     """Outcome of :func:`solvers.minimize` and the per-method minimizers.
 
     Attributes:
-        x: the final iterate, shaped, typed and placed like ``x0`` (float64 by default).
-            Always finite.
+        x: the final iterate, shaped and placed like ``x0``; float64 (the default
+            working dtype, as in ``scipy.optimize``) unless the minimizer was called with
+            ``dtype=None``, which keeps ``x0``'s dtype.  Always finite.
         fun: ``f(x)``.
         grad_norm: ``||grad f(x)||`` (Euclidean).
         nit: iterations performed.

@@ -138,7 +138,9 @@ class NewtonCG(torch.optim.Optimizer):
             ``kind`` and ``mc_samples`` through ``curvature_kwargs``) or a callable
             ``factory(params, batch) -> LinearOperator`` over exactly ``params``.
         curvature_kwargs: extra keywords for the operator's constructor.
-        damping: initial ``λ >= 0`` (default 1e-3).
+        damping: initial ``λ >= 0`` (default 1.0: a cautious first step; the
+            Levenberg-Marquardt rule lowers it within a few steps when the quadratic
+            model is trustworthy, whereas too small a start wastes rejected steps).
         adapt_damping: Levenberg-Marquardt adaptation of ``λ`` (default True).
         damping_increase, damping_decrease: the factors 3/2 and 2/3 of Martens (2010).
         min_damping, max_damping: bounds on the adapted ``λ``.
@@ -172,7 +174,7 @@ class NewtonCG(torch.optim.Optimizer):
         loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
         curvature: str | Callable[[list[Tensor], Any], Any] = "ggn",
         curvature_kwargs: dict | None = None,
-        damping: float = 1e-3,
+        damping: float = 1.0,
         adapt_damping: bool = True,
         damping_increase: float = 1.5,
         damping_decrease: float = 2.0 / 3.0,
