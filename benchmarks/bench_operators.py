@@ -101,9 +101,10 @@ def bench(name, model, X, y, repeats, rows):
         fns[key], cols[key] = fn, columns
 
     for label, cls in (("Hessian", curvature.HessianOperator), ("GGN", curvature.GGNOperator)):
-        op = cls(model, loss_fn, (X, y))
-        warm = cls(model, loss_fn, (X, y))
-        opb = cls(model, loss_fn, (X, y), batched=True)
+        kw = {"jvp": "reverse"} if label == "GGN" else {}  # GGN rows: the double-vjp trick unless marked
+        op = cls(model, loss_fn, (X, y), **kw)
+        warm = cls(model, loss_fn, (X, y), **kw)
+        opb = cls(model, loss_fn, (X, y), batched=True, **kw)
 
         def cold(o=op, M=v):
             o.clear_cache()
@@ -180,6 +181,15 @@ def layernorm_correctness(rows) -> None:
     print("\n".join(rows[-3:]))
 
 
+def _peer_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("curvlinops-for-pytorch")
+    except Exception:  # noqa: BLE001 - informational only
+        return "n/a"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -191,7 +201,7 @@ def main() -> None:
     rows = [
         "## Curvature operator products vs curvlinops",
         "",
-        f"torch {torch.__version__}, curvlinops {getattr(curvlinops, '__version__', 'n/a')}; "
+        f"torch {torch.__version__}, curvlinops {_peer_version()}; "
         f"medians of {args.repeats} repeats; command: "
         f"`python benchmarks/bench_operators.py --repeats {args.repeats} --out benchmarks/results_operators.md`",
     ]

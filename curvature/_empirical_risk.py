@@ -6,10 +6,11 @@ per-batch product.  :class:`EmpiricalRiskOperator` owns that sum:
 * ``data`` is one batch ``(X, y)`` or any re-iterable of ``(X, y)`` batches (a
   DataLoader, a list).  Each batch is moved to the device of the parameters.
 * Weights: the batch product is for the batch loss *as the loss function returns it*.
-  With ``reduction="mean"`` batch ``b`` (``B_b`` examples) gets weight ``B_b / N``, so a
-  product over unequal batches equals the product on the concatenated data set; with
-  ``"sum"`` every batch gets weight 1.  (Mean reduction is assumed to average over
-  examples, i.e. a class-weighted ``CrossEntropyLoss`` mean is averaged per batch.)
+  With ``reduction="mean"`` batch ``b`` gets weight ``D_b / sum D``, where ``D_b`` is what
+  PyTorch divides by (``B_b`` examples; for ``CrossEntropyLoss`` the non-ignored targets,
+  class-weighted; see :func:`curvature.losses.mean_denominator`), so a product over
+  unequal batches equals the product on the concatenated data set; with ``"sum"``
+  every batch gets weight 1.
 * Determinism: at construction one pass over the data (no model evaluation) records
   ``N`` and a fingerprint; every product pass recomputes it and raises ``RuntimeError``
   on a mismatch (shuffling with ``drop_last``, random augmentation, a changed data set).
@@ -43,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from .linear_operator import LinearOperator
-from .losses import loss_reduction
+from .losses import loss_reduction, mean_denominator
 from .params import unflatten
 
 __all__ = ["EmpiricalRiskOperator", "BatchLoop", "resolve_params", "model_state", "check_loss"]
@@ -186,8 +187,9 @@ class BatchLoop:
     """
 
     def __init__(self, data, device, reduction: str | None, *, order_sensitive: bool = False,
-                 check: bool = True) -> None:
+                 check: bool = True, denominator=None) -> None:
         self.data = data
+        self.denominator = denominator if denominator is not None else (lambda X, y: float(X.shape[0]))
         self.device = torch.device(device)
         self.reduction = reduction
         self.order_sensitive = order_sensitive
@@ -197,7 +199,10 @@ class BatchLoop:
             raise TypeError(f"data must be a batch (X, y) or an iterable of batches, got {type(data).__name__}.")
         if not self.single and isinstance(data, Iterator):
             raise TypeError("data is a one-shot iterator; pass a re-iterable (a list or a DataLoader).")
-        fps = [_fingerprint(X, y) for X, y in self._raw()]
+        fps, denominators = [], []
+        for X, y in self._raw():  # one pass: fingerprints and the mean's denominators
+            fps.append(_fingerprint(X, y))
+            denominators.append(self.denominator(X, y) if reduction == "mean" else 1.0)
         if not fps or sum(f[0] for f in fps) == 0:
             raise ValueError("data is empty: got no batches (or only empty ones).")
         if len(fps) > 1 and reduction is None:
@@ -207,6 +212,8 @@ class BatchLoop:
             )
         self.num_data = sum(f[0] for f in fps)
         self.num_batches = len(fps)
+        # the mean's total denominator (examples, or non-ignored / class-weighted targets)
+        self.total_denominator = float(sum(denominators))
         self._batch_fps = fps
         self._total_fp = _combine(fps)
 
@@ -220,10 +227,11 @@ class BatchLoop:
             X, y = batch
             yield X.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-    def weight(self, batch_size: int) -> float:
-        if self.single or self.reduction == "sum":
+    def weight(self, X: Tensor, y: Tensor) -> float:
+        """``D_b / sum_b D_b`` for a mean (``D`` = :func:`~curvature.losses.mean_denominator`), else 1."""
+        if self.single or self.reduction == "sum" or self.num_batches == 1:
             return 1.0
-        return batch_size / self.num_data
+        return self.denominator(X, y) / self.total_denominator if self.total_denominator > 0 else 0.0
 
     def __iter__(self):
         checking = self.check and not self.single
@@ -233,7 +241,10 @@ class BatchLoop:
                 fps.append(_fingerprint(X, y))
             if X.shape[0] == 0:
                 continue
-            yield b, X, y, self.weight(X.shape[0])
+            w = self.weight(X, y)
+            if w == 0.0:  # nothing to average in this batch (e.g. every target ignored)
+                continue
+            yield b, X, y, w
         if checking:
             self._check_pass(fps)
 
@@ -316,7 +327,8 @@ class EmpiricalRiskOperator(LinearOperator):
         self._state = None
         self._state_key = None
         self._loop = BatchLoop(data, self.device, self.reduction, order_sensitive=self._order_sensitive,
-                               check=self.check_data)
+                               check=self.check_data,
+                               denominator=lambda X, y: mean_denominator(loss_fn, y, X.shape[0]))
         self._single = self._loop.single
         self.num_data = self._loop.num_data
         self.num_batches = self._loop.num_batches

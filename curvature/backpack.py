@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ._empirical_risk import BatchLoop, check_loss, model_state, resolve_params
+from .losses import mean_denominator
 from .structured import DiagonalOperator
 
 __all__ = ["ggn_diagonal", "hessian_diagonal"]
@@ -80,7 +81,8 @@ def _backpack_diagonal(model, loss_fn, data, params, extension_name: str, attrib
         )
     names, chosen = resolve_params(model, params)
     device = chosen[0].device
-    loop = BatchLoop(data, device, reduction, order_sensitive=extension_name == "DiagGGNMC", check=check_data)
+    loop = BatchLoop(data, device, reduction, order_sensitive=extension_name == "DiagGGNMC", check=check_data,
+                     denominator=lambda X, y: mean_denominator(loss_fn, y, X.shape[0]))
 
     work, lf, named = _extended_copies(model, loss_fn, names)
     ext = getattr(extensions, extension_name)

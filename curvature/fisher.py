@@ -93,12 +93,17 @@ class FisherOperator(GGNOperator):
         if seed is not None and generator is not None:
             raise ValueError("Pass seed= or generator=, not both.")
         if generator is not None:
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
         self.kind = kind
         self.mc_samples = int(mc_samples)
         self.seed = 0 if seed is None else int(seed)
         self._order_sensitive = kind == "mc"
         super().__init__(model, loss_fn, data, params, **kwargs)
+        if self.reduction is None:
+            raise ValueError(
+                "FisherOperator needs the loss's reduction to scale per-example terms: loss_fn has no "
+                "'reduction' attribute; pass reduction='mean' or 'sum'."
+            )
 
     def _batch_generator(self, batch_index: int) -> torch.Generator:
         state = np.random.SeedSequence([self.seed & (2**63 - 1), batch_index]).generate_state(2, np.uint32)
@@ -108,7 +113,12 @@ class FisherOperator(GGNOperator):
 
     def _output_curvature(self, z: Tensor, y: Tensor, batch_index: int):
         self._loss(z.detach(), y)  # scalar check
-        reduction = self.reduction or "mean"
+        reduction = self.reduction
+        if reduction is None:
+            raise ValueError(
+                "FisherOperator needs the loss's reduction to scale per-example terms: loss_fn has no "
+                "'reduction' attribute; pass reduction='mean' or 'sum'."
+            )
         if self.kind == "empirical":
             return LowRankOutputCurvature(output_gradient_factors(self.loss_fn, z, y, reduction))
         if not has_closed_form(self.loss_fn, y):

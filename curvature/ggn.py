@@ -20,14 +20,15 @@ with forward-mode ``torch.func.jvp`` instead (no ``J^T u`` graph to build, but o
 forward-mode pass per column, cached or not).  Measured on CPU (results_operators.md):
 the double-vjp trick wins on the MLP and for cached single-batch products (what
 Lanczos/CG use); forward mode wins for fresh products on the small CNN, where the
-create-graph backward through convolutions is expensive.  The default is
-``jvp="reverse"``; pass ``jvp="forward"`` for conv nets over many batches.
+create-graph backward through convolutions is expensive (there forward mode also won
+for cached products).  The default ``jvp="auto"`` picks forward mode for models with
+convolution layers and the double-vjp trick otherwise.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._empirical_risk import EmpiricalRiskOperator, model_state
 from .losses import output_hessian
@@ -44,20 +45,29 @@ class GGNOperator(EmpiricalRiskOperator):
             :class:`~curvature._empirical_risk.EmpiricalRiskOperator`.
         batched: multiply the columns of a block with vmapped backward passes
             (``is_grads_batched=True``) instead of a loop over columns (default ``False``).
+        jvp: how ``J v`` is computed: ``"reverse"`` (double-vjp trick through a cached
+            graph), ``"forward"`` (``torch.func.jvp`` per column), or ``"auto"``
+            (default: forward for models with convolutions, reverse otherwise).
 
     Shape ``[n, n]``, symmetric PSD for convex losses; ``param_shapes`` set.
 
-    Cost per product of ``k`` columns: per batch one forward pass and one backward
-    with ``create_graph`` (skipped for a cached single batch), then ``2k`` backward
-    passes.
+    Cost per product of ``k`` columns, per batch: ``jvp="reverse"``: one forward pass
+    and one backward with ``create_graph`` (skipped for a cached single batch), then
+    ``2k`` backward passes; ``jvp="forward"``: one forward pass (skipped when cached),
+    then ``k`` forward-mode passes and ``k`` backward passes.
     """
 
-    def __init__(self, model, loss_fn, data, params=None, *, batched: bool = False, jvp: str = "reverse",
+    def __init__(self, model, loss_fn, data, params=None, *, batched: bool = False, jvp: str = "auto",
                  **kwargs) -> None:
-        if jvp not in ("reverse", "forward"):
-            raise ValueError(f"jvp must be 'reverse' (double-vjp trick) or 'forward' (torch.func.jvp), got {jvp!r}.")
+        if jvp not in ("auto", "reverse", "forward"):
+            raise ValueError(
+                f"jvp must be 'auto', 'reverse' (double-vjp trick) or 'forward' (torch.func.jvp), got {jvp!r}."
+            )
         super().__init__(model, loss_fn, data, params, **kwargs)
         self.batched = bool(batched)
+        if jvp == "auto":  # measured: forward mode wins on conv nets, the double-vjp trick elsewhere
+            has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+            jvp = "forward" if has_conv else "reverse"
         self.jvp = jvp
 
     def _output_curvature(self, z: Tensor, y: Tensor, batch_index: int):

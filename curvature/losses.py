@@ -43,6 +43,7 @@ __all__ = [
     "SUPPORTED_LOSSES",
     "loss_reduction",
     "reduction_factor",
+    "mean_denominator",
     "has_closed_form",
     "output_hessian",
     "ClosedFormOutputHessian",
@@ -85,13 +86,38 @@ def has_closed_form(loss_fn, y: Tensor | None = None) -> bool:
     return False
 
 
-def reduction_factor(loss_fn, z: Tensor, reduction: str) -> float:
+def mean_denominator(loss_fn, y: Tensor, batch_size: int) -> float:
+    """What PyTorch divides the summed batch loss by under ``reduction="mean"``.
+
+    ``CrossEntropyLoss`` with integer targets: the number of targets not equal to
+    ``ignore_index``, each counted with its class weight when ``weight`` is set; with
+    probability targets ``[B, C, ...]``: ``y.numel() / C``.  ``MSELoss`` /
+    ``BCEWithLogitsLoss``: ``y.numel()`` (the output has the target's shape).  Any other
+    loss: ``batch_size`` (assumed to average over examples).  Batches are weighted by
+    their share of the total denominator, so a mean over batches equals the mean on
+    the concatenated data also with ignored targets and class weights.
+    """
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        if y.is_floating_point():
+            return float(y.numel() / y.shape[1]) if y.dim() >= 2 else 1.0
+        mask = y != loss_fn.ignore_index
+        if loss_fn.weight is None:
+            return float(mask.sum())
+        return float(loss_fn.weight.to(y.device)[y[mask]].sum())
+    if isinstance(loss_fn, (nn.MSELoss, nn.BCEWithLogitsLoss)):
+        return float(y.numel())
+    return float(batch_size)
+
+
+def reduction_factor(loss_fn, z: Tensor, reduction: str, y: Tensor | None = None) -> float:
     """The factor ``c`` with ``batch loss = c * sum_n loss_n`` (``loss_n`` summed over outputs).
 
-    ``1`` for ``reduction="sum"``.  For ``"mean"``: ``1 / (z.numel() / z.shape[1])``
-    for ``CrossEntropyLoss`` (PyTorch averages over the batch and any trailing
-    dims, not over classes), ``1 / z.numel()`` for ``MSELoss`` / ``BCEWithLogitsLoss``,
-    and ``1 / z.shape[0]`` (average over examples) for any other loss.
+    ``1`` for ``reduction="sum"``.  For ``"mean"``: ``1 / D`` with ``D`` the mean's
+    denominator (:func:`mean_denominator`, from the targets ``y`` when given):
+    ``z.numel() / z.shape[1]`` for ``CrossEntropyLoss`` (PyTorch averages over the batch
+    and any trailing dims, not over classes; non-ignored targets and class weights
+    when ``y`` is given), ``z.numel()`` for ``MSELoss`` / ``BCEWithLogitsLoss``, and
+    ``z.shape[0]`` (average over examples) for any other loss.
     """
     if reduction == "sum":
         return 1.0
@@ -100,6 +126,9 @@ def reduction_factor(loss_fn, z: Tensor, reduction: str) -> float:
     if isinstance(loss_fn, nn.CrossEntropyLoss):
         if z.dim() < 2:
             return 1.0  # a single unbatched example
+        if y is not None and not y.is_floating_point():
+            d = mean_denominator(loss_fn, y, z.shape[0])
+            return 1.0 / d if d > 0 else 0.0
         return z.shape[1] / z.numel()
     if isinstance(loss_fn, (nn.MSELoss, nn.BCEWithLogitsLoss)):
         return 1.0 / z.numel()
@@ -108,11 +137,6 @@ def reduction_factor(loss_fn, z: Tensor, reduction: str) -> float:
 
 def _class_dim(z: Tensor) -> int:
     return 1 if z.dim() >= 2 else 0
-
-
-def _per_example_dot(A: Tensor, B: Tensor) -> Tensor:
-    """``<A_n, B_n>`` over every dim but the example dim; ``A, B``: ``[k, B, ...]`` -> ``[k, B]``."""
-    return (A * B).reshape(A.shape[0], A.shape[1], -1).sum(-1)
 
 
 class ClosedFormOutputHessian:
@@ -260,7 +284,9 @@ def output_gradient_factors(loss_fn, z: Tensor, y: Tensor, reduction: str) -> Te
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError("The loss must return a scalar (reduction 'mean' or 'sum').")
         (g,) = torch.autograd.grad(loss.reshape(()), zl)
-    c = reduction_factor(loss_fn, z, reduction)
+    c = reduction_factor(loss_fn, z, reduction, y)
+    if c == 0.0:  # every target ignored: the batch contributes nothing
+        return torch.zeros_like(g).unsqueeze(0)
     return (g / math.sqrt(c)).unsqueeze(0)
 
 

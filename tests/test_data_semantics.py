@@ -164,3 +164,61 @@ def test_batches_moved_to_parameter_device_and_dtype_follows():
     op = GGNOperator(model, loss_fn, (X, y))
     assert op.dtype == torch.float32 and op.device == next(model.parameters()).device
     assert (op @ torch.ones(op.shape[0])).dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn", "empirical"])
+@pytest.mark.parametrize("variant", ["ignore_index", "class_weights"])
+def test_weighted_or_ignored_targets_over_batches(kind, variant):
+    """PyTorch's CE mean divides by the (class-weighted) count of non-ignored targets."""
+    model, _, (X, y) = make_case("mlp", n=10)
+    y = torch.tensor([0, 1, 2, 1, 0, 1, 2, 2, 1, 1])
+    if variant == "ignore_index":
+        loss_fn = nn.CrossEntropyLoss(ignore_index=1)
+    else:
+        loss_fn = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
+    batches = [(X[:3], y[:3]), (X[3:], y[3:])]
+    op = _op(kind, model, loss_fn, batches)
+    if kind == "empirical":  # c sum_n g_n g_n^T with c = 1 / (weighted count), per-example summed loss
+        from dense_truth import dense_gradient
+
+        per = type(loss_fn)(reduction="sum", **({"ignore_index": 1} if variant == "ignore_index"
+                                                 else {"weight": loss_fn.weight}))
+        G = torch.stack([dense_gradient(model, per, X[i:i + 1], y[i:i + 1]) for i in range(10)])
+        denom = float((y != 1).sum()) if variant == "ignore_index" else float(loss_fn.weight[y].sum())
+        truth = G.T @ G / denom
+    elif kind == "hessian":
+        truth = dense_hessian(model, loss_fn, X, y)
+    else:  # GGN with the output Hessian of the weighted / masked loss by autograd
+        from dense_truth import dense_jacobian
+
+        J = dense_jacobian(model, X)
+        with torch.no_grad():
+            z = model.eval()(X)
+        Hz = torch.autograd.functional.hessian(lambda t: loss_fn(t.reshape(z.shape), y), z.reshape(-1))
+        truth = J.T @ Hz @ J
+    assert rel_err(op.to_dense(), truth) < EXACT
+
+
+def test_all_ignored_batch_contributes_nothing():
+    model, _, (X, y) = make_case("mlp", n=6)
+    y = torch.tensor([1, 1, 0, 2, 1, 0])
+    loss_fn = nn.CrossEntropyLoss(ignore_index=1)
+    op = HessianOperator(model, loss_fn, [(X[:2], y[:2]), (X[2:], y[2:])])  # first batch: all ignored
+    assert rel_err(op.to_dense(), dense_hessian(model, loss_fn, X, y)) < EXACT
+
+
+def test_empirical_fisher_needs_reduction_for_plain_function():
+    model, _, (X, _) = make_case("mlp", n=6)
+    t = torch.randn(6, 3, dtype=torch.float64)
+
+    def sq(z, target):
+        return ((z - target) ** 2).sum()
+
+    with pytest.raises(ValueError, match="reduction='mean' or 'sum'"):
+        FisherOperator(model, sq, (X, t), kind="empirical") @ torch.ones(
+            sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    op = FisherOperator(model, sq, (X, t), kind="empirical", reduction="sum")
+    from dense_truth import per_example_gradients
+
+    G = per_example_gradients(model, nn.MSELoss(reduction="sum"), X, t)
+    assert rel_err(op.to_dense(), G.T @ G) < EXACT

@@ -68,8 +68,11 @@ def test_ggn_products_equal_dense(case):
     assert rel_err(op.to_dense(), G) < EXACT
     batched = GGNOperator(model, loss_fn, (X, y), batched=True)
     assert rel_err(batched @ V, G @ V) < EXACT
-    forward = GGNOperator(model, loss_fn, [(X[:3], y[:3]), (X[3:], y[3:])], jvp="forward")
-    assert rel_err(forward @ V, G @ V) < EXACT
+    for jvp in ("forward", "reverse"):
+        other = GGNOperator(model, loss_fn, [(X[:3], y[:3]), (X[3:], y[3:])], jvp=jvp)
+        assert rel_err(other @ V, G @ V) < EXACT
+    conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert op.jvp == ("forward" if conv else "reverse")
 
 
 def test_exact_fisher_equals_ggn(case):

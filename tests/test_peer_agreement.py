@@ -230,9 +230,6 @@ def _effective_case():
     return net, X, y, V
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Hessian/GGN over unequal batches with CrossEntropyLoss(ignore_index=...) mean: batch weight "
-    "B_b/N ignores that PyTorch averages over non-ignored targets (23% error here, silent)"))
 def test_hessian_batches_with_ignore_index():
     net, X, y, V = _effective_case()
     lf = nn.CrossEntropyLoss(ignore_index=1)
@@ -240,9 +237,6 @@ def test_hessian_batches_with_ignore_index():
     assert rel(op @ V, dense_hessian(net, lf, X, y) @ V) < RTOL
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Hessian over batches with class-weighted CrossEntropyLoss mean: PyTorch divides by the sum "
-    "of target weights per batch; weights B_b/N give a 1% error, silently"))
 def test_hessian_batches_with_class_weights():
     net, X, y, V = _effective_case()
     lf = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5], dtype=DT))
@@ -250,9 +244,6 @@ def test_hessian_batches_with_class_weights():
     assert rel(op @ V, dense_hessian(net, lf, X, y) @ V) < RTOL
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FisherOperator(kind='empirical') with CrossEntropyLoss(ignore_index) mean uses c = 1/B "
-    "instead of 1/(non-ignored count): off by B/B_eff (1.6x here)"))
 def test_empirical_fisher_with_ignore_index():
     net, X, y, V = _effective_case()
     lf = nn.CrossEntropyLoss(ignore_index=1)
@@ -265,17 +256,16 @@ def test_empirical_fisher_with_ignore_index():
     assert rel(op @ V, EF @ V) < RTOL
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FisherOperator(kind='empirical') with a custom loss that has no .reduction (here a summed "
-    "squared error) silently assumes reduction='mean': EF is B times too large (6x here); it "
-    "should raise and ask for reduction= as BatchLoop does for several batches"))
 def test_empirical_fisher_custom_sum_loss():
     net, X, _, V = _effective_case()
     y = torch.randn(8, 3, generator=torch.Generator().manual_seed(4), dtype=DT)
     theta = _theta(net).requires_grad_(True)
     G = torch.stack([torch.autograd.grad(((_flat_fn(net, X[n:n + 1])(theta) - y[n:n + 1]) ** 2).sum(), theta)[0]
                      for n in range(8)])
-    op = curvature.FisherOperator(net, lambda z, t: ((z - t) ** 2).sum(), (X, y), kind="empirical")
+    loss = lambda z, t: ((z - t) ** 2).sum()  # noqa: E731 - no .reduction attribute
+    with pytest.raises(ValueError, match="reduction"):
+        curvature.FisherOperator(net, loss, (X, y), kind="empirical")
+    op = curvature.FisherOperator(net, loss, (X, y), kind="empirical", reduction="sum")
     assert rel(op @ V, (G.T @ G) @ V) < RTOL
 
 
