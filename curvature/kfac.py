@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from ._empirical_risk import BatchLoop, check_loss, model_state, resolve_params
+from .losses import mean_denominator
 from .backpack import _extended_copies, _seeded_batch
 from .kronecker import KFACOperator, KroneckerOperator
 
@@ -67,7 +68,7 @@ def _check_structure(model: nn.Module, ext) -> None:
                     f"kfac needs an nn.Sequential model (BackPACK follows the module order); module {label} "
                     "is a container with its own forward. Rewrite it as nn.Sequential of supported layers."
                 )
-        elif supported and not isinstance(m, supported):
+        elif supported and type(m) not in supported:  # BackPACK looks up the exact class
             raise ValueError(
                 f"kfac: module {label} is not supported by BackPACK's Kronecker-factored extensions "
                 f"(supported: {sorted({t.__name__ for t in supported})})."
@@ -164,6 +165,10 @@ def kfac(
         raise NotImplementedError(
             f"kfac supports MSELoss, CrossEntropyLoss and BCEWithLogitsLoss, got {type(loss_fn).__name__}."
         )
+    if isinstance(loss_fn, nn.CrossEntropyLoss) and (loss_fn.weight is not None or loss_fn.ignore_index != -100):
+        raise NotImplementedError("kfac (BackPACK) supports CrossEntropyLoss without class weights and ignore_index.")
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss) and (loss_fn.weight is not None or loss_fn.pos_weight is not None):
+        raise NotImplementedError("kfac (BackPACK) supports BCEWithLogitsLoss without weight= and pos_weight=.")
     ext_name, attribute = _KINDS[kind]
     ext = getattr(extensions, ext_name)
     ext = ext(mc_samples=int(mc_samples)) if kind == "kfac" else ext()
@@ -171,7 +176,8 @@ def kfac(
     names, chosen = resolve_params(model, params)
     plan = _plan(model, names, separate_bias)
     device = chosen[0].device
-    loop = BatchLoop(data, device, reduction, order_sensitive=kind == "kfac", check=check_data)
+    loop = BatchLoop(data, device, reduction, order_sensitive=kind == "kfac", check=check_data,
+                     denominator=lambda X, y: mean_denominator(loss_fn, y, X.shape[0]))
 
     work, lf, named = _extended_copies(model, loss_fn, names)
     joint_layers = {blk for blk, _, how in plan if how == "joint"}
@@ -186,7 +192,12 @@ def kfac(
         for b, X, y, w in loop:
             w_in = X.shape[0] / loop.num_data  # input statistics are averages over examples
             with _seeded_batch(seed, b, device), model_state(work, mode), torch.enable_grad():
-                loss = lf(work(X), y)
+                z = work(X)
+                if isinstance(loss_fn, nn.BCEWithLogitsLoss) and (z.dim() != 2 or z.shape[1] != 1):
+                    raise NotImplementedError(
+                        f"kfac (BackPACK) supports BCEWithLogitsLoss with one logit per example (output [N, 1]); "
+                        f"got output shape {tuple(z.shape)}.")
+                loss = lf(z, y)
                 if loss.numel() != 1:
                     raise ValueError("The loss must be a scalar (reduction 'mean' or 'sum').")
                 try:
@@ -215,6 +226,9 @@ def kfac(
         for h in hooks:
             h.remove()
 
+    for facs in acc.values():  # exactly symmetric (rounding in the einsums may leave ~eps asymmetry)
+        for f in facs:
+            f.copy_(0.5 * (f + f.T))
     shapes = dict(zip(names, (p.shape for p in chosen)))
     blocks = []
     for blk, pnames, how in plan:

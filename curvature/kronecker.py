@@ -53,7 +53,8 @@ _MODES = ("exact", "factored", "factored_pi")
 
 def _is_sym(M: Tensor) -> bool:
     scale = float(M.abs().max()) if M.numel() else 0.0
-    return bool(torch.allclose(M, M.T, rtol=0.0, atol=1e-12 * max(scale, 1e-300)))
+    eps = torch.finfo(M.dtype).eps if M.is_floating_point() else 0.0
+    return bool(torch.allclose(M, M.T, rtol=0.0, atol=64 * eps * max(scale, 1e-300)))
 
 
 class KroneckerOperator(LinearOperator):
