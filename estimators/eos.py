@@ -157,7 +157,7 @@ class SecondOrderRegression(nn.Module):
 DEFAULTS = {
     # problem: (lrs, steps, every) full / fast
     "tanh": {"full": ((0.2, 0.25, 0.33, 0.4), 3000, 25), "fast": ((0.4,), 600, 20)},
-    "quadratic": {"full": ((1.0, 1.2, 1.45), 300, 2), "fast": ((1.2,), 150, 2)},
+    "quadratic": {"full": ((1.0, 1.2, 1.45), 300, 2), "fast": ((1.2,), 100, 2)},
 }
 
 

@@ -148,6 +148,14 @@ class SharpnessMonitor:
         eos_fraction: onset rule, see the module docstring.
         sharpening_rise: progressive-sharpening rule, see the module docstring.
         warm_start: reuse the previous eigenvectors (default ``True``).
+        guard: extra eigenpairs computed and carried between measurements (default:
+            1 for ``k = 1``, else 0): the warm start is the previous top ``k + guard``
+            vectors, which keeps a crossing of the top two eigenvalues from going
+            unnoticed (see :func:`~estimators.sharpness.sharpness`; for ``k >= 2`` the
+            top-k block already guards the sharpness, and a guard pair deep in the bulk
+            would be expensive to converge).  Crossings from further below within one
+            interval can still be missed: measure more often, raise ``guard``, or pass
+            ``warm_start=False`` for independent (costlier) solves.
         seed: seed of the monitor's own generator (cold-start vectors).
         mode: model mode for the measurements (``"eval"``, default, or ``"train"``).
 
@@ -174,6 +182,7 @@ class SharpnessMonitor:
         eos_fraction: float = 0.95,
         sharpening_rise: float = 0.1,
         warm_start: bool = True,
+        guard: int | None = None,
         seed: int = 0,
         mode: str = "eval",
     ) -> None:
@@ -181,8 +190,8 @@ class SharpnessMonitor:
             raise ValueError(f"every must be a positive integer, got {every}.")
         if int(k) < 1:
             raise ValueError(f"k must be >= 1, got {k}.")
-        if int(max_matvecs) < k:
-            raise ValueError(f"max_matvecs = {max_matvecs} must be at least k = {k}.")
+        if int(max_matvecs) < k + 1:
+            raise ValueError(f"max_matvecs = {max_matvecs} must be at least k + 1 = {k + 1}.")
         if not 0 < eos_fraction <= 2:
             raise ValueError(f"eos_fraction must lie in (0, 2], got {eos_fraction}.")
         if preconditioned and (optimizer is None or not is_adaptive(optimizer)):
@@ -204,6 +213,10 @@ class SharpnessMonitor:
         self.eos_fraction = float(eos_fraction)
         self.sharpening_rise = float(sharpening_rise)
         self.warm_start = bool(warm_start)
+        guard = (1 if int(k) == 1 else 0) if guard is None else int(guard)
+        if guard < 0:
+            raise ValueError(f"guard must be >= 0, got {guard}.")
+        self.guard = guard
         self.seed = int(seed)
         self.operator_kind = operator
         self.op = curvature_operator(model, loss_fn, data, params=params, operator=operator, mode=mode)
@@ -250,11 +263,12 @@ class SharpnessMonitor:
 
     __call__ = step
 
-    def _solve(self, A, v0, counter, kind) -> SharpnessResult:
+    def _solve(self, A, v0, counter, kind, scale) -> SharpnessResult:
+        warm = self.warm_start and v0 is not None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            return _top(A, self.k, v0 if self.warm_start else None, self.tol,
-                        self.seed + self._warm.count, self.max_matvecs, counter, kind)
+            return _top(A, self.k, v0 if warm else None, self.tol, self.seed + self._warm.count,
+                        self.max_matvecs, counter, kind, self.guard, scale if warm else None)
 
     def measure(self, step_index: int, loss: float | Tensor | None = None) -> SharpnessRecord:
         """Take a measurement now (regardless of ``every``) and append it to ``history``."""
@@ -264,16 +278,19 @@ class SharpnessMonitor:
         with torch.random.fork_rng(devices=devices):
             try:
                 value, grad = self.op.loss_and_gradient()
-                res = self._solve(self.op, self._warm.raw, self.op, self.operator_kind)
+                last = self.history[-1] if self.history else None
+                res = self._solve(self.op, self._warm.raw, self.op, self.operator_kind,
+                                  None if last is None else last.sharpness)
                 pre = None
                 if self.preconditioned:
                     P = optimizer_preconditioner(self.optimizer, self.op.params)
                     pre = self._solve(_scaled_operator(self.op, P), self._warm.preconditioned,
-                                      self.op, "preconditioned")
+                                      self.op, "preconditioned",
+                                      None if last is None else last.preconditioned_sharpness)
             finally:
                 self.op.clear_cache()  # free the gradient graph between measurements
-        self._warm.raw = res.eigenvectors
-        self._warm.preconditioned = None if pre is None else pre.eigenvectors
+        self._warm.raw = res.warm_start
+        self._warm.preconditioned = None if pre is None else pre.warm_start
         self._warm.count += 1
         gnorm = float(grad.norm())
         align = None

@@ -61,6 +61,8 @@ class SharpnessResult:
         converged: whether every pair met the tolerance within the product budget.
         num_matvecs: products of the curvature operator spent (the cost).
         kind: ``"hessian"``, ``"ggn"``, ``"operator"`` or ``"preconditioned"``.
+        warm_start: ``[n, k + guard]`` all Ritz vectors computed (the top ``k`` and the
+            guard pairs); passing the result as ``v0=`` uses this block.
     """
 
     value: float
@@ -71,6 +73,7 @@ class SharpnessResult:
     converged: bool
     num_matvecs: int
     kind: str
+    warm_start: Tensor | None = None
 
     def __float__(self) -> float:
         return self.value
@@ -96,7 +99,7 @@ def _start_block(v0, n: int) -> Tensor | None:
     if v0 is None:
         return None
     if isinstance(v0, SharpnessResult):
-        v0 = v0.eigenvectors
+        v0 = v0.eigenvectors if v0.warm_start is None else v0.warm_start
     if not isinstance(v0, Tensor) or v0.dim() not in (1, 2) or v0.shape[0] != n:
         raise ValueError(
             f"v0 must be a tensor of shape [{n}] or [{n}, j] (e.g. the previous eigenvectors) "
@@ -106,28 +109,42 @@ def _start_block(v0, n: int) -> Tensor | None:
 
 
 def _top(op: LinearOperator, k: int, v0, tol: float, seed: int | None, max_matvecs: int | None,
-         counter: LinearOperator, kind: str) -> SharpnessResult:
-    """Top-``k`` algebraic eigenpairs of ``op``; cost counted on ``counter``."""
+         counter: LinearOperator, kind: str, guard: int = 0, scale: float | None = None) -> SharpnessResult:
+    """Top-``k`` algebraic eigenpairs of ``op`` (``k + guard`` computed); cost counted on ``counter``.
+
+    With guard pairs and a ``scale`` (the previous sharpness), the solve runs on the
+    shifted operator ``op + |scale| I`` with ``tol / 2``: same Krylov spaces and residuals,
+    but the relative stopping test of a guard pair becomes relative to the sharpness
+    instead of to its own (possibly tiny) eigenvalue -- guard pairs only need to be
+    good enough to catch a crossing.  The top pairs keep ``r <= tol * |theta|``.
+    """
     if not op.is_symmetric:
         raise ValueError(f"Sharpness needs a symmetric operator; {type(op).__name__} is not marked symmetric.")
+    if int(guard) < 0:
+        raise ValueError(f"guard must be >= 0, got {guard}.")
+    kk = min(int(k) + int(guard), op.shape[0])
+    shift = abs(float(scale)) if guard > 0 and scale is not None and math.isfinite(float(scale)) else 0.0
+    A = op.damped(shift) if shift > 0 else op
     before = counter.num_matvecs
-    res = top_eigenvalues(op, k, which="LA", tol=tol, v0=_start_block(v0, op.shape[0]),
-                          seed=seed, max_matvecs=max_matvecs)
+    res = top_eigenvalues(A, kk, which="LA", tol=tol / 2 if shift > 0 else tol,
+                          v0=_start_block(v0, op.shape[0]), seed=seed, max_matvecs=max_matvecs)
+    evals = res.eigenvalues - shift
     return SharpnessResult(
-        value=float(res.eigenvalues[0]),
-        eigenvalues=res.eigenvalues.detach(),
-        eigenvectors=res.eigenvectors.detach(),
-        residuals=res.residuals.detach(),
-        error_bounds=res.error_bounds.detach(),
+        value=float(evals[0]),
+        eigenvalues=evals[:k].detach(),
+        eigenvectors=res.eigenvectors[:, :k].detach(),
+        residuals=res.residuals[:k].detach(),
+        error_bounds=res.error_bounds[:k].detach(),
         converged=bool(res.converged.all()),
         num_matvecs=counter.num_matvecs - before,
         kind=kind,
+        warm_start=res.eigenvectors.detach(),
     )
 
 
 def sharpness(model, loss_fn=None, data=None, *, params=None, operator: str = "hessian", k: int = 1,
-              v0=None, tol: float = 1e-6, seed: int | None = 0,
-              max_matvecs: int | None = None, **operator_kwargs) -> SharpnessResult:
+              v0=None, tol: float = 1e-6, seed: int | None = 0, max_matvecs: int | None = None,
+              guard: int = 0, **operator_kwargs) -> SharpnessResult:
     """The sharpness ``lambda_max`` of the loss Hessian (or GGN) on ``data``, and optionally the top-k.
 
     Two forms::
@@ -151,6 +168,15 @@ def sharpness(model, loss_fn=None, data=None, *, params=None, operator: str = "h
             eigenvalue error is at most the residual and typically ``r^2 / gap``.
         seed: seed of the random start vector (used when ``v0`` is ``None``).
         max_matvecs: product budget (a ``curvature.ConvergenceWarning`` if exceeded).
+        guard: extra eigenpairs computed beyond ``k`` (default 0).  A warm start alone
+            is blind to eigenvalue *crossings*: if the previous top eigenvector is now
+            (close to) the second one, it is an almost exact eigenvector, the solver
+            converges on it at once and the new top eigenvalue is missed (measured: up
+            to 15 % low on the EoS toy after a catapult).  With ``guard=1`` the result
+            carries ``k + 1`` vectors (``warm_start``) and the next warm start resolves
+            crossings within that block; it costs the products needed to converge the
+            extra pair (1-2 on the EoS toy, more when that pair is poorly separated).
+            :class:`~estimators.monitor.SharpnessMonitor` uses ``guard=1`` for ``k = 1``.
         **operator_kwargs: passed to the operator (``mode=``, ``reduction=`` ...).
 
     Returns:
@@ -165,11 +191,16 @@ def sharpness(model, loss_fn=None, data=None, *, params=None, operator: str = "h
         if loss_fn is not None or data is not None or params is not None or operator_kwargs:
             raise ValueError("sharpness(op): pass only the operator (no loss_fn, data, params) "
                              "when the first argument is a LinearOperator.")
-        return _top(model, k, v0, tol, seed, max_matvecs, model, "operator")
+        return _top(model, k, v0, tol, seed, max_matvecs, model, "operator", guard, _scale(v0))
     if loss_fn is None or data is None:
         raise ValueError("sharpness(model, loss_fn, data): loss_fn and data are required for a model.")
     op = curvature_operator(model, loss_fn, data, params=params, operator=operator, **operator_kwargs)
-    return _top(op, k, v0, tol, seed, max_matvecs, op, operator)
+    return _top(op, k, v0, tol, seed, max_matvecs, op, operator, guard, _scale(v0))
+
+
+def _scale(v0) -> float | None:
+    return v0.value if isinstance(v0, SharpnessResult) else None
+
 
 
 # ------------------------------------------------------------------ preconditioners
@@ -294,7 +325,8 @@ def _scaled_operator(H: LinearOperator, P) -> LinearOperator:
 
 def preconditioned_sharpness(model, *args, params=None, operator: str = "hessian", k: int = 1, v0=None,
                              tol: float = 1e-6, seed: int | None = 0, max_matvecs: int | None = None,
-                             momentum_bias_correction: bool = True, **operator_kwargs) -> SharpnessResult:
+                             guard: int = 0, momentum_bias_correction: bool = True,
+                             **operator_kwargs) -> SharpnessResult:
     """``lambda_max(P^{-1/2} H P^{-1/2})``: the sharpness an adaptive optimizer sees.
 
     Two forms::
@@ -311,7 +343,7 @@ def preconditioned_sharpness(model, *args, params=None, operator: str = "hessian
     Args:
         model: a model (then ``loss_fn, data, preconditioner`` follow) or a symmetric
             ``LinearOperator`` ``H`` (then ``preconditioner`` follows).
-        params, operator, k, v0, tol, seed, max_matvecs, **operator_kwargs: as in
+        params, operator, k, v0, tol, seed, max_matvecs, guard, **operator_kwargs: as in
             :func:`sharpness` (``v0`` in scaled coordinates, e.g. a previous result).
         momentum_bias_correction: Adam only, see :func:`optimizer_preconditioner`.
 
@@ -339,7 +371,7 @@ def preconditioned_sharpness(model, *args, params=None, operator: str = "hessian
                                  "(with .params); otherwise pass the diagonal P.")
         P = optimizer_preconditioner(P, hparams, momentum_bias_correction=momentum_bias_correction)
     A = _scaled_operator(H, P)
-    return _top(A, k, v0, tol, seed, max_matvecs, H, "preconditioned")
+    return _top(A, k, v0, tol, seed, max_matvecs, H, "preconditioned", guard, _scale(v0))
 
 
 # ------------------------------------------------------------------------ thresholds

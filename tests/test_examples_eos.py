@@ -45,7 +45,7 @@ def test_example_fast_writes_three_plots_and_reproduces(tmp_path, capsys):
 
 
 def test_cli_main_quadratic(tmp_path, capsys):
-    assert main(["--problem", "quadratic", "--fast", "--out", str(tmp_path), "--lrs", "1.2"]) == 0
+    assert main(["--problem", "quadratic", "--fast", "--out", str(tmp_path), "--lrs", "1.2", "--steps", "60"]) == 0
     out = capsys.readouterr().out
     assert "[quadratic]" in out and "wrote" in out
     js = json.load(open(tmp_path / "eos_quadratic.json"))

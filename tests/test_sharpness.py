@@ -224,16 +224,14 @@ def test_preconditioned_with_given_diagonal_and_dense_P():
     with pytest.raises(ValueError, match="no state"):
         preconditioned_sharpness(model, loss_fn, (X, y), torch.optim.Adam(model.parameters()))
     with pytest.raises(TypeError, match="Cannot read a diagonal"):
-        model2, *_ = make_case("regression")
-        o = torch.optim.SGD(model.parameters(), lr=0.1)
-        preconditioned_sharpness(model, loss_fn, (X, y), o)
+        preconditioned_sharpness(model, loss_fn, (X, y), torch.optim.SGD(model.parameters(), lr=0.1))
 
 
 # ------------------------------------------------------------------------- thresholds
 X0 = 1e-14  # tiny start: Adam/RMSprop with eps = 1 keep P = 1 + O(1e-4) up to a 1e6-fold growth
 
 
-def _run_1d(opt_factory, lam, steps, warmup=300):
+def _run_1d(opt_factory, lam, steps, warmup=100):
     """|x_T| / |x_0| for the torch optimizer on f(x) = 1/2 lam x^2 (stops once grown 1e6-fold).
 
     ``warmup`` steps with zero gradient first (nothing moves): Adam's bias corrections
