@@ -25,7 +25,7 @@ from torch import Tensor, nn
 __all__ = ["DefaultProblem", "default_problem", "gaussian_mixture"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class DefaultProblem:
     """What :func:`default_problem` returns.
 

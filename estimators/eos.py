@@ -34,7 +34,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -161,7 +161,7 @@ DEFAULTS = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class EoSRun:
     """One learning rate.
 
@@ -193,7 +193,7 @@ class EoSRun:
     history: list[dict] = field(default_factory=list, repr=False)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EoSResults:
     """All runs of :func:`run_edge_of_stability` plus where the files went."""
 
@@ -326,7 +326,7 @@ def run_edge_of_stability(
         with open(js, "w") as f:
             json.dump({"problem": problem, "steps": steps, "every": every, "seed": seed,
                        "runs": [asdict(r) for r in runs]}, f, indent=1)
-        res.png, res.json = png, js
+        res = replace(res, png=png, json=js)
     if verbose:
         print(res.table())
     return res
@@ -414,8 +414,8 @@ def run_adam_edge_of_stability(
     res = EoSResults(problem="tanh-adam", runs=runs, png=None, json=None)
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
-        res.png = os.path.join(out_dir, f"{filename}.png")
-        res.json = os.path.join(out_dir, f"{filename}.json")
+        res = replace(res, png=os.path.join(out_dir, f"{filename}.png"),
+                      json=os.path.join(out_dir, f"{filename}.json"))
         _plot_adam(res, res.png)
         with open(res.json, "w") as f:
             json.dump({"problem": "tanh-adam", "steps": steps, "every": every, "seed": seed,

@@ -35,6 +35,8 @@ recorded in the JSON; the same call reproduces the same numbers on the same devi
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import os
@@ -63,7 +65,7 @@ OPERATORS = ("hessian", "ggn", "fisher-mc", "fisher-empirical", "fisher-exact")
 TRACE_METHODS = ("hutch++", "hutchinson", "xtrace")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerSummary:
     """One row of the per-layer table (one diagonal block of the curvature).
 
@@ -88,7 +90,7 @@ class LayerSummary:
     num_matvecs: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class SpectrumReport:
     """What :func:`spectrum_report` computed (``to_dict()`` is the JSON summary).
 
@@ -543,7 +545,7 @@ def spectrum_report(
         t0 = time.perf_counter()
         save_spectrum_plot(report, out / "spectrum.png")
         wall["plot"] = time.perf_counter() - t0
-        report.files = {"png": str(out / "spectrum.png"), "json": str(out / "summary.json")}
+        report = dataclasses.replace(report, files={"png": str(out / "spectrum.png"), "json": str(out / "summary.json")})
     wall["total"] = time.perf_counter() - t_start
     if out_dir is not None:
         with open(out / "summary.json", "w") as fh:
