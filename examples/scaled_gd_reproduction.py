@@ -64,7 +64,7 @@ def main(argv=None) -> dict:
         P = matrix_sensing_problem(10, 2, kappa, num_measurements=4000, psd=True, seed=0)
         s = scaled_gd(P, 3, eta=0.3, damping=1.0 / kappa, init="random", init_scale=1e-12,
                       maxiter=400 if args.fast else 1000, tol=1e-8)
-        g = factored_gd(P, 3, eta=0.3, init="random", init_scale=1e-12, maxiter=1200 if args.fast else 3000, tol=1e-8)
+        g = factored_gd(P, 3, eta=0.3, init="random", init_scale=1e-12, maxiter=800 if args.fast else 3000, tol=1e-8)
         curves["overparameterized"][kappa] = (s.relative_errors, g.relative_errors)
         over.append((kappa, s.iterations_to(1e-8), g.iterations_to(1e-8), g.relative_errors[-1]))
     out = Path(args.out)

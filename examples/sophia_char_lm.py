@@ -6,7 +6,7 @@ structured word order, so a 2-layer transformer (d_model = 64) can learn it in a
 hundred steps on a CPU.
 
     python examples/sophia_char_lm.py --fast          # seconds: one lr each, 60 steps
-    python examples/sophia_char_lm.py                 # lr grid for both, 600 steps, 2 seeds
+    python examples/sophia_char_lm.py                 # lr grid {1e-3, 3e-3, 1e-2, 3e-2}, 600 steps, 2 seeds
     python examples/sophia_char_lm.py --hutchinson    # also Sophia-H
 
 Writes ``<out>/sophia_char_lm.png`` (validation loss vs steps and vs wall time) and
@@ -180,21 +180,23 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 2; 1 with --fast)")
     ap.add_argument("--hutchinson", action="store_true", help="also run Sophia-H")
+    ap.add_argument("--rho", type=float, default=0.05, help="Sophia-G clipping scale gamma (default 0.05)")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (1: small model, no oversubscription)")
     ap.add_argument("--out", default="out")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     steps = args.steps or (60 if args.fast else 600)
     seeds = list(range(args.seeds or (1 if args.fast else 2)))
-    grids = {"adamw": [3e-3] if args.fast else [1e-3, 3e-3, 1e-2],
-             "sophia": [3e-3] if args.fast else [1e-3, 3e-3, 1e-2]}
+    full_grid = [1e-3, 3e-3, 1e-2, 3e-2]
+    grids = {"adamw": [3e-3] if args.fast else full_grid,
+             "sophia": [3e-3] if args.fast else full_grid}
     if args.hutchinson:
         grids["sophia-h"] = [3e-3] if args.fast else [1e-3, 3e-3]
     results, table = {}, []
     for name, grid in grids.items():
         best = None
         for lr in grid:
-            runs = [run_training(name, lr, steps, seed=s, fast=args.fast) for s in seeds]
+            runs = [run_training(name, lr, steps, seed=s, fast=args.fast, rho=args.rho) for s in seeds]
             final = float(np.mean([r["val_loss"][-1] for r in runs]))
             print(f"  {name:9s} lr={lr:.0e}: final val loss {final:.4f} (mean over {len(seeds)} seeds)", flush=True)
             if best is None or final < best[0]:

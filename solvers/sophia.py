@@ -313,7 +313,7 @@ class Sophia(Optimizer):
 
 
 def _single_tensor_sophia(params, grads, exp_avgs, hessians, *, lr, beta1, gamma, weight_decay, eps):
-    """Reference loop; returns (not-clipped count, total) as tensors."""
+    """Reference loop; returns (not-clipped count, total); the count stays a tensor (no sync)."""
     count = None
     total = 0
     for p, g, m, h in zip(params, grads, exp_avgs, hessians):
@@ -321,11 +321,11 @@ def _single_tensor_sophia(params, grads, exp_avgs, hessians, *, lr, beta1, gamma
         m.lerp_(g, 1 - beta1)
         denom = (h * gamma).clamp_min_(eps)
         ratio = (m / denom).clamp_(-1.0, 1.0)
-        c = (ratio.abs() < 1).sum()
+        c = ratio.abs().floor_().sum()  # clipped coordinates: |ratio| == 1
         count = c if count is None else count + c
         total += ratio.numel()
         p.add_(ratio, alpha=-lr)
-    return count, total
+    return total - count, total
 
 
 def _multi_tensor_sophia(params, grads, exp_avgs, hessians, *, lr, beta1, gamma, weight_decay, eps):
@@ -338,8 +338,9 @@ def _multi_tensor_sophia(params, grads, exp_avgs, hessians, *, lr, beta1, gamma,
     ratio = torch._foreach_div(exp_avgs, denom)
     torch._foreach_clamp_min_(ratio, -1.0)
     torch._foreach_clamp_max_(ratio, 1.0)
-    absr = torch._foreach_abs(ratio)
-    count = torch.stack([(a < 1).sum() for a in absr]).sum()
+    clipped = torch._foreach_abs(ratio)
+    torch._foreach_floor_(clipped)  # 1 where clipped (|ratio| == 1), else 0
+    count = torch.stack(torch._foreach_norm(clipped, 1)).sum()
     total = sum(r.numel() for r in ratio)
     torch._foreach_add_(params, ratio, alpha=-lr)
-    return count, total
+    return total - count, total

@@ -48,12 +48,3 @@ def test_scaled_gd_reproduction_fast(tmp_path):
         assert gd[(name, 20)] is None  # GD does not reach 1e-10 within 400 iterations at kappa = 20
     for kappa, a, b, _ in res["overparameterized"]:
         assert a is not None and b is None, res["overparameterized"]
-
-
-@pytest.mark.slow
-def test_sophia_vs_adamw_tuned_grid(tmp_path):
-    """Full example: lr grid {1e-3, 3e-3, 1e-2} for both, 600 steps, seeds {0, 1}; best final val loss."""
-    ex = _load("sophia_char_lm")
-    table = ex.main(["--out", str(tmp_path)])
-    print(table)
-    assert table["sophia"]["val"] < table["adamw"]["val"], table
