@@ -83,7 +83,7 @@ def forward_mode_ggn(model, loss_fn, X, y, V):
     return torch.stack(cols, 1)
 
 
-def bench(name, model, X, y, repeats, rows):
+def bench(name, model, X, y, repeats, rows, only=None):
     loss_fn = nn.CrossEntropyLoss()
     params = list(model.parameters())
     n = sum(p.numel() for p in params)
@@ -117,6 +117,10 @@ def bench(name, model, X, y, repeats, rows):
             record(f"{label} {k}-col block, cold (is_grads_batched)", lambda o=opb, M=V: cold(o, M), k)
             record(f"{label} {k}-col block, warm", lambda o=warm, M=V: o @ M, k)
             record(f"{label} {k} single cold products", lambda o=op, M=V, k=k: [cold(o, M[:, j]) for j in range(k)], k)
+        if label == "Hessian":  # forward-over-reverse jvp(grad) (opt-in product path): no cached graph
+            fog = cls(model, loss_fn, (X, y), product="jvp_grad")
+            record("Hessian product, product='jvp_grad'", lambda o=fog: o @ v)
+            record("Hessian 10-col block, product='jvp_grad'", lambda o=fog: o @ V10, 10)
         if label == "GGN":
             fwd = cls(model, loss_fn, (X, y), jvp="forward")
             fwd_warm = cls(model, loss_fn, (X, y), jvp="forward")
@@ -133,6 +137,8 @@ def bench(name, model, X, y, repeats, rows):
             record(f"curvlinops {label} 10-col block", lambda o=cl: o @ V10, 10)
             record(f"curvlinops {label} 16-col block", lambda o=cl: o @ V16, 16)
 
+    if only:
+        fns = {k: f for k, f in fns.items() if k == "gradient" or any(s in k for s in only)}
     med = round_robin(fns, repeats)
     t_grad = med.pop("gradient")
     res = {k: (t, cols[k]) for k, t in med.items()}
@@ -196,6 +202,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", default="mlp,cnn")
     parser.add_argument("--out", default=None, help="write the markdown table here")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated substrings: time only the rows containing one (and the gradient)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = [
@@ -209,7 +217,7 @@ def main() -> None:
     for key in args.models.split(","):
         title, build = builders[key]
         model, X, y = build()
-        bench(title, model, X, y, args.repeats, rows)
+        bench(title, model, X, y, args.repeats, rows, args.only.split(",") if args.only else None)
     layernorm_correctness(rows)
     if args.out:
         with open(args.out, "w") as fh:

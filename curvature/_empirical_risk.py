@@ -22,10 +22,17 @@ per-batch product.  :class:`EmpiricalRiskOperator` owns that sum:
   afterwards; ``mode="train"`` uses batch statistics, refuses active dropout, and
   restores every buffer after each forward pass.  Products go through
   ``torch.autograd.grad``, never ``.backward()``, so ``.grad`` is untouched.
-* Cache: with a single batch, the per-batch state (the graph of the gradient or of the
-  output) is kept between products and rebuilt when a parameter or buffer changes
-  (tracked by identity, ``_version`` and a float64 checksum); ``op.clear_cache()``
-  frees it and ``cache=False`` disables it.
+* Cache: with a single batch (a pair ``(X, y)``, or an iterable yielding one batch while
+  the data check is on), the per-batch state (the graph of the gradient or of the
+  output) is kept between products and rebuilt when a parameter or buffer changes.
+  Changes are tracked by identity, ``data_ptr`` and ``_version`` (free) and, with
+  ``cache_check="checksum"`` (default), by float64 sums of the tensors computed on their
+  device and compared with one host sync per product: writes through ``.data``
+  (``p.data.copy_(w)``) do not bump ``_version``.  ``cache_check="version"`` drops that
+  sync (for GPU loops that never write through ``.data``); ``op.clear_cache()`` frees
+  the state and ``cache=False`` disables it.
+* Host syncs: a product pass reads the data fingerprints back once, at its end
+  (float64 reductions stay on the device meanwhile).
 
 Scaling out: a data-parallel reduction belongs in :class:`BatchLoop` and
 :meth:`EmpiricalRiskOperator._block_products` (``torch.distributed.all_reduce`` of the
@@ -150,21 +157,39 @@ def _is_single_batch(data) -> bool:
     )
 
 
-def _fingerprint(X: Tensor, y: Tensor) -> tuple[int, float, float, float]:
-    """(batch size, sum of inputs, sum of |inputs|, sum of targets) in float64."""
-    Xd = X.detach().to(torch.float64)
-    return (int(X.shape[0]), float(Xd.sum()), float(Xd.abs().sum()), float(y.detach().to(torch.float64).sum()))
+def _fingerprint(X: Tensor, y: Tensor) -> Tensor:
+    """``[sum of inputs, sum of |inputs|, sum of targets]`` as a float64 tensor on the batch's device.
 
-
-def _combine(fps: Sequence[tuple]) -> tuple:
-    return (sum(f[0] for f in fps), sum(f[1] for f in fps), sum(f[2] for f in fps), sum(f[3] for f in fps))
+    Reductions accumulate in float64 (``sum(dtype=...)``, ``vector_norm(..., dtype=...)``)
+    without a float64 copy of the batch, and nothing is read back to the host here: a
+    pass stacks these and reads them once (:meth:`BatchLoop._check_pass`).
+    """
+    X, y = X.detach(), y.detach()
+    if X.dtype == torch.bool:
+        abs_sum = X.sum(dtype=torch.float64)
+    elif X.is_floating_point():
+        abs_sum = torch.linalg.vector_norm(X, 1, dtype=torch.float64)
+    else:
+        abs_sum = X.abs().sum(dtype=torch.float64)
+    return torch.stack([X.sum(dtype=torch.float64), abs_sum, y.sum(dtype=torch.float64)])
 
 
 def _same(a: tuple, b: tuple) -> bool:
+    """Fingerprints ``(size, sum, |sum|, target sum)`` agree (sizes exactly, sums to 1e-9 relative)."""
     if a[0] != b[0]:
         return False
     tol = 1e-9 * (a[2] + 1.0)
     return abs(a[1] - b[1]) <= tol and abs(a[2] - b[2]) <= tol and abs(a[3] - b[3]) <= 1e-9 * (abs(a[3]) + 1.0)
+
+
+def _read(sizes: list[int], sums: list[Tensor], per_batch: bool) -> list[tuple]:
+    """Host copies of fingerprints: one tuple per batch, or the total (order-invariant); one sync."""
+    if not sums:
+        return [] if per_batch else [(0, 0.0, 0.0, 0.0)]
+    S = torch.stack(sums)
+    if per_batch:
+        return [(n, *row) for n, row in zip(sizes, S.tolist())]
+    return [(sum(sizes), *S.sum(0).tolist())]
 
 
 class BatchLoop:
@@ -199,23 +224,24 @@ class BatchLoop:
             raise TypeError(f"data must be a batch (X, y) or an iterable of batches, got {type(data).__name__}.")
         if not self.single and isinstance(data, Iterator):
             raise TypeError("data is a one-shot iterator; pass a re-iterable (a list or a DataLoader).")
-        fps, denominators = [], []
+        sizes, sums, denominators = [], [], []
         for X, y in self._raw():  # one pass: fingerprints and the mean's denominators
-            fps.append(_fingerprint(X, y))
+            sizes.append(int(X.shape[0]))
+            sums.append(_fingerprint(X, y))
             denominators.append(self.denominator(X, y) if reduction == "mean" else 1.0)
-        if not fps or sum(f[0] for f in fps) == 0:
+        if not sizes or sum(sizes) == 0:
             raise ValueError("data is empty: got no batches (or only empty ones).")
-        if len(fps) > 1 and reduction is None:
+        if len(sizes) > 1 and reduction is None:
             raise ValueError(
                 "Cannot tell how batch losses combine: loss_fn has no 'reduction' attribute; "
                 "pass reduction='mean' or 'sum'."
             )
-        self.num_data = sum(f[0] for f in fps)
-        self.num_batches = len(fps)
+        self.num_data = sum(sizes)
+        self.num_batches = len(sizes)
         # the mean's total denominator (examples, or non-ignored / class-weighted targets)
         self.total_denominator = float(sum(denominators))
-        self._batch_fps = fps
-        self._total_fp = _combine(fps)
+        self._batch_fps = _read(sizes, sums, per_batch=True)
+        self._total_fp = _read(sizes, sums, per_batch=False)[0]
 
     def _raw(self) -> Iterable[tuple[Tensor, Tensor]]:
         for batch in ((self.data,) if self.single else self.data):
@@ -235,10 +261,11 @@ class BatchLoop:
 
     def __iter__(self):
         checking = self.check and not self.single
-        fps = []
+        sizes, sums = [], []  # fingerprints stay on the device until the pass ends (one sync per pass)
         for b, (X, y) in enumerate(self._raw()):
             if checking:
-                fps.append(_fingerprint(X, y))
+                sizes.append(int(X.shape[0]))
+                sums.append(_fingerprint(X, y))
             if X.shape[0] == 0:
                 continue
             w = self.weight(X, y)
@@ -246,14 +273,15 @@ class BatchLoop:
                 continue
             yield b, X, y, w
         if checking:
-            self._check_pass(fps)
+            self._check_pass(sizes, sums)
 
-    def _check_pass(self, fps: list[tuple]) -> None:
+    def _check_pass(self, sizes: list[int], sums: list[Tensor]) -> None:
         if self.order_sensitive:
+            fps = _read(sizes, sums, per_batch=True)
             ok = len(fps) == len(self._batch_fps) and all(_same(a, b) for a, b in zip(fps, self._batch_fps))
             what = "the same batches in the same order on every pass (its sampled labels are tied to batch positions)"
         else:
-            ok = _same(_combine(fps), self._total_fp)
+            ok = _same(_read(sizes, sums, per_batch=False)[0], self._total_fp)
             what = "the same data set on every pass"
         if not ok:
             raise RuntimeError(
@@ -281,6 +309,10 @@ class EmpiricalRiskOperator(LinearOperator):
         reduction: only for loss functions without a ``reduction`` attribute and more
             than one batch: how batch losses combine (``"mean"`` or ``"sum"``).
         cache: keep the single-batch state between products (default ``True``).
+        cache_check: how the cache notices parameter changes: ``"checksum"`` (default:
+            identity, ``_version`` and on-device float64 sums, one sync per product;
+            catches writes through ``.data``) or ``"version"`` (identity and
+            ``_version`` only, no sync).
         check_data: verify each pass sees the same data (default ``True``).
     """
 
@@ -296,12 +328,15 @@ class EmpiricalRiskOperator(LinearOperator):
         mode: str = "eval",
         reduction: str | None = None,
         cache: bool = True,
+        cache_check: str = "checksum",
         check_data: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         if mode not in ("eval", "train"):
             raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}.")
+        if cache_check not in ("checksum", "version"):
+            raise ValueError(f"cache_check must be 'checksum' or 'version', got {cache_check!r}.")
         red = check_loss(loss_fn)
         if reduction is not None and reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
@@ -322,14 +357,20 @@ class EmpiricalRiskOperator(LinearOperator):
             param_shapes=[p.shape for p in self.params],
         )
         self.cache = bool(cache)
+        self.cache_check = cache_check
         self.check_data = bool(check_data)
         self.data = data
         self._state = None
         self._state_key = None
+        self._state_sum = None
         self._loop = BatchLoop(data, self.device, self.reduction, order_sensitive=self._order_sensitive,
                                check=self.check_data,
                                denominator=lambda X, y: mean_denominator(loss_fn, y, X.shape[0]))
         self._single = self._loop.single
+        # The per-batch state is cached for one batch: a pair (X, y), or an iterable yielding exactly
+        # one batch when the data check is on (a changed batch then fails the pass before the product
+        # is returned, so a stale cached state is never used silently).
+        self._cacheable = self._single or (self._loop.num_batches == 1 and self.check_data)
         self.num_data = self._loop.num_data
         self.num_batches = self._loop.num_batches
 
@@ -354,19 +395,43 @@ class EmpiricalRiskOperator(LinearOperator):
             )
         return loss.reshape(())
 
-    def _key(self) -> tuple:
+    def _tracked(self) -> list[Tensor]:
         tensors = list(self.model.parameters())
         if self.mode == "eval":
             tensors += list(self.model.buffers())
-        with torch.no_grad():  # one checksum per tensor, one device sync in all
-            floats = [t.detach().sum(dtype=torch.float64) for t in tensors if t.is_floating_point()]
-            sums = torch.stack(floats).tolist() if floats else []
-        return (tuple((id(t), t._version, t.data_ptr()) for t in tensors), tuple(sums))
+        return tensors
+
+    def _key(self) -> tuple:
+        """Identity, ``_version`` and ``data_ptr`` of every parameter (and buffer in eval mode): no sync.
+
+        Catches optimizer steps and other in-place updates (``p.add_`` under ``no_grad``),
+        ``p.data = new`` and replaced modules.  It misses in-place writes *through*
+        ``.data`` (``p.data.copy_(w)``, ``p.data.mul_(c)``), which do not bump
+        ``p._version`` (checked in torch 2.13): :meth:`_checksum` covers those.
+        """
+        return tuple((id(t), t._version, t.data_ptr()) for t in self._tracked())
+
+    def _checksum(self) -> Tensor:
+        """Float64 sums of the tracked floating tensors, stacked on their device (no sync)."""
+        with torch.no_grad():
+            sums = [t.detach().sum(dtype=torch.float64).to(self.device) for t in self._tracked()
+                    if t.is_floating_point()]
+            return torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64, device=self.device)
+
+    def _cache_valid(self, key: tuple) -> bool:
+        if self._state is None or key != self._state_key:
+            return False
+        if self.cache_check == "version":
+            return True
+        # Trade-off: one device sync per product, to catch writes through .data that _version misses.
+        sums = self._checksum()
+        return sums.shape == self._state_sum.shape and bool(torch.equal(sums, self._state_sum))
 
     def clear_cache(self) -> None:
         """Free the cached single-batch state (the next product rebuilds it)."""
         self._state = None
         self._state_key = None
+        self._state_sum = None
 
     # -------------------------------------------------------------- products
     def _build_state(self, X: Tensor, y: Tensor, batch_index: int):
@@ -378,13 +443,14 @@ class EmpiricalRiskOperator(LinearOperator):
 
     def _get_state(self, X: Tensor, y: Tensor, batch_index: int):
         """The per-batch state, from the cache for a single batch."""
-        if self._single and self.cache:
+        if self._cacheable and self.cache:
             key = self._key()
-            if self._state is None or key != self._state_key:
-                self._state = None
+            if not self._cache_valid(key):
+                self.clear_cache()
+                sums = self._checksum() if self.cache_check == "checksum" else None
                 with torch.enable_grad(), model_state(self.model, self.mode):
                     self._state = self._build_state(X, y, batch_index)
-                self._state_key = key
+                self._state_key, self._state_sum = key, sums
             return self._state
         with torch.enable_grad(), model_state(self.model, self.mode):
             return self._build_state(X, y, batch_index)

@@ -4,7 +4,12 @@ BackPACK extends backpropagation to return the diagonal of the GGN (exact or wit
 ``mc_samples`` sampled labels) and of the Hessian in one extended backward pass per
 batch, where the matrix-free route would need ``n`` products.  We use it because it is
 the best tool for exactly this; it supports ``nn.Sequential`` models of its supported
-layers (Linear, Conv, activations, pooling, Flatten, ...) and CrossEntropy / MSE losses.
+layers (Linear, Conv, activations, pooling, Flatten, ...) and CrossEntropy / MSE /
+single-logit BCEWithLogits losses.  Support is checked up front against the module map
+of the installed BackPACK extension: a custom ``nn.Module`` class, LayerNorm, a
+multi-output ``BCEWithLogitsLoss``, ... raise ``NotImplementedError`` naming the module
+and the alternatives (``op.diagonal()``, exact for small ``n``, or
+``estimators.hutchinson_diagonal(op)``); there is no silent fallback.
 
 The user's model is never modified: BackPACK's ``extend`` installs hooks and attributes,
 so it runs on a deep copy (parameters mapped back by name), in eval mode by default;
@@ -61,6 +66,71 @@ def _seeded_batch(seed: int, batch_index: int, device: torch.device):
         yield
 
 
+def _alternative(extension_name: str) -> str:
+    op = "HessianOperator" if extension_name == "DiagHessian" else "GGNOperator"
+    return (
+        f"Alternatives: curvature.{op}(model, loss_fn, data).diagonal() (exact, n products: for small n) "
+        f"or estimators.hutchinson_diagonal(curvature.{op}(model, loss_fn, data), ...) (randomized estimate)."
+    )
+
+
+def _type_name(obj) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _check_supported(model: nn.Module, loss_fn, ext, extension_name: str) -> None:
+    """Raise ``NotImplementedError`` naming every module (and loss setting) BackPACK's ``ext`` cannot handle.
+
+    BackPACK looks up each hooked module's exact class in the extension's module map
+    (containers such as ``nn.Sequential`` are not hooked) and fails mid-backward on a
+    missing one; checking the same map up front gives an error that names the module.
+    """
+    from backpack.utils.module_classification import is_no_op
+
+    # The extension's {module class: module extension} map (read only; private in BackPACK 1.7).
+    supported = getattr(ext, "_BackpropExtension__module_extensions", None)
+    if supported is not None:
+        bad = [f"{name or '<model>'!r} ({_type_name(m)})" for name, m in model.named_modules()
+               if not is_no_op(m) and type(m) not in supported]
+        if bad:
+            raise NotImplementedError(
+                f"BackPACK's {extension_name} does not support module(s) {', '.join(bad)}: it handles only "
+                f"{sorted(k.__name__ for k in supported if k.__module__.startswith('torch'))} inside "
+                f"nn.Sequential containers (custom nn.Module classes are not supported). "
+                f"{_alternative(extension_name)}"
+            )
+        if type(loss_fn) not in supported:
+            raise NotImplementedError(
+                f"BackPACK's {extension_name} does not support the loss {_type_name(loss_fn)} (subclasses of "
+                f"its losses are not recognized). {_alternative(extension_name)}"
+            )
+    if isinstance(loss_fn, nn.CrossEntropyLoss) and (loss_fn.weight is not None or loss_fn.ignore_index != -100):
+        raise NotImplementedError(
+            "BackPACK's CrossEntropyLoss supports neither class weights (weight=) nor a non-default ignore_index. "
+            f"{_alternative(extension_name)}"
+        )
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss) and (loss_fn.weight is not None or loss_fn.pos_weight is not None):
+        raise NotImplementedError(
+            "BackPACK's BCEWithLogitsLoss supports neither weight= nor pos_weight=. "
+            f"{_alternative(extension_name)}"
+        )
+
+
+def _check_output(loss_fn, z: torch.Tensor, extension_name: str) -> None:
+    """Refuse model outputs BackPACK's loss modules cannot take (before its backward fails)."""
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss) and (z.dim() != 2 or z.shape[1] != 1):
+        raise NotImplementedError(
+            f"BackPACK's BCEWithLogitsLoss supports only one logit per example (model output [N, 1]); got "
+            f"output shape {tuple(z.shape)} (multi-output / multi-label BCE). {_alternative(extension_name)}"
+        )
+    if isinstance(loss_fn, nn.MSELoss) and z.dim() != 2:
+        raise NotImplementedError(
+            f"BackPACK's MSELoss supports only outputs of shape [N, D]; got {tuple(z.shape)}. "
+            f"{_alternative(extension_name)}"
+        )
+
+
 def _backpack_diagonal(model, loss_fn, data, params, extension_name: str, attribute: str,
                        mc_samples: int = 1, seed: int = 0, mode: str = "eval",
                        check_data: bool = True) -> DiagonalOperator:
@@ -76,28 +146,37 @@ def _backpack_diagonal(model, loss_fn, data, params, extension_name: str, attrib
     reduction = check_loss(loss_fn)
     if not isinstance(loss_fn, (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)):
         raise NotImplementedError(
-            f"BackPACK diagonals support CrossEntropyLoss and MSELoss (and BCEWithLogitsLoss in recent "
-            f"versions), got {type(loss_fn).__name__}; use an operator's .diagonal() or a Hutchinson estimate."
+            f"BackPACK diagonals support CrossEntropyLoss, MSELoss and BCEWithLogitsLoss, got "
+            f"{type(loss_fn).__name__}. {_alternative(extension_name)}"
         )
+    ext = getattr(extensions, extension_name)
+    ext = ext(mc_samples=mc_samples) if extension_name == "DiagGGNMC" else ext()
+    _check_supported(model, loss_fn, ext, extension_name)
     names, chosen = resolve_params(model, params)
     device = chosen[0].device
     loop = BatchLoop(data, device, reduction, order_sensitive=extension_name == "DiagGGNMC", check=check_data,
                      denominator=lambda X, y: mean_denominator(loss_fn, y, X.shape[0]))
 
     work, lf, named = _extended_copies(model, loss_fn, names)
-    ext = getattr(extensions, extension_name)
-    ext = ext(mc_samples=mc_samples) if extension_name == "DiagGGNMC" else ext()
 
     acc = [torch.zeros_like(p) for p in chosen]
     for b, X, y, w in loop:
         with _seeded_batch(seed, b, device), model_state(work, mode), torch.enable_grad():
-            loss = lf(work(X), y)
+            z = work(X)
+            _check_output(loss_fn, z, extension_name)
+            loss = lf(z, y)
             if loss.numel() != 1:
                 raise ValueError("The loss must be a scalar (reduction 'mean' or 'sum').")
             with backpack.backpack(ext), warnings.catch_warnings():
                 # BackPACK's module hooks fire on outputs when inputs need no grad: harmless here
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                loss.backward()
+                try:
+                    loss.backward()
+                except NotImplementedError as exc:  # a limitation the up-front checks did not foresee
+                    raise NotImplementedError(
+                        f"BackPACK's {extension_name} cannot handle this model/loss: {exc}. "
+                        f"{_alternative(extension_name)}"
+                    ) from exc
         for i, n in enumerate(names):
             p = named[n]
             value = getattr(p, attribute, None)
@@ -126,7 +205,9 @@ def ggn_diagonal(
 
     Args:
         model: an ``nn.Sequential`` of BackPACK-supported layers.
-        loss_fn: ``nn.CrossEntropyLoss`` or ``nn.MSELoss`` (reduction "mean" or "sum").
+        loss_fn: ``nn.CrossEntropyLoss`` (no class weights, default ``ignore_index``),
+            ``nn.MSELoss`` (outputs ``[N, D]``) or ``nn.BCEWithLogitsLoss`` (one logit
+            per example, output ``[N, 1]``); reduction "mean" or "sum".
         data: a batch ``(X, y)`` or an iterable of batches.
         params: parameters (tensors of ``model`` or names); default all trainable.
         kind: ``"exact"`` (BackPACK ``DiagGGNExact``) or ``"mc"`` (``DiagGGNMC``).
@@ -137,6 +218,13 @@ def ggn_diagonal(
 
     Returns:
         A :class:`~curvature.DiagonalOperator` ``[n]`` with ``param_shapes``.
+
+    Raises:
+        NotImplementedError: before any computation, for a module BackPACK's extension
+            does not support (named with its qualified name and type: LayerNorm, a custom
+            ``nn.Module`` class, ...), an unsupported loss or loss setting, or a
+            multi-output ``BCEWithLogitsLoss``; the message names the alternatives
+            (``GGNOperator(...).diagonal()`` or ``estimators.hutchinson_diagonal``).
 
     Cost: one forward and one extended backward pass per batch (exact: about ``C``
     backward passes' worth of work for ``C`` outputs; MC: ``mc_samples``).

@@ -96,3 +96,39 @@ def test_errors():
         ggn_diagonal(model, loss_fn, (X, y), kind="empirical")
     with pytest.raises(ValueError, match="data is empty"):
         ggn_diagonal(model, loss_fn, [])
+
+
+class _CustomNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_unsupported_models_and_losses_raise_clear_errors_up_front():
+    """Unsupported layers / custom modules / multi-output BCE: a NotImplementedError naming them and the
+    alternatives, raised before BackPACK's backward (its raw errors never surface)."""
+    _, loss_fn, (X, y) = make_case("mlp", n=6)
+    layernorm = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double()
+    for fn in (ggn_diagonal, hessian_diagonal):
+        with pytest.raises(NotImplementedError, match=r"'1' \(torch\.nn\.modules\.normalization\.LayerNorm\)"
+                                                     r".*\.diagonal\(\).*hutchinson_diagonal"):
+            fn(layernorm, loss_fn, (X, y))
+        with pytest.raises(NotImplementedError, match=r"'<model>' \(.*_CustomNet\).*custom nn\.Module"):
+            fn(_CustomNet().double(), loss_fn, (X, y))
+    with pytest.raises(NotImplementedError, match="Hessian.*BatchNorm1d|BatchNorm1d.*HessianOperator"):
+        hessian_diagonal(nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double(),
+                         loss_fn, (X, y))
+    multi = nn.Sequential(nn.Linear(5, 3)).double()
+    yb = torch.rand(6, 3, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match=r"one logit per example.*\(6, 3\).*GGNOperator"):
+        ggn_diagonal(multi, nn.BCEWithLogitsLoss(), (X, yb))
+    with pytest.raises(NotImplementedError, match="class weights"):
+        ggn_diagonal(multi, nn.CrossEntropyLoss(weight=torch.ones(3, dtype=torch.float64)), (X, y))
+    # the single-logit BCE that BackPACK does support still gives the dense diagonal
+    single = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    bce, y1 = nn.BCEWithLogitsLoss(), torch.rand(6, 1, dtype=torch.float64)
+    assert rel_err(ggn_diagonal(single, bce, (X, y1)).diag, dense_ggn(single, bce, X, y1).diagonal()) < EXACT
+    assert rel_err(hessian_diagonal(single, bce, (X, y1)).diag, dense_hessian(single, bce, X, y1).diagonal()) < EXACT

@@ -222,3 +222,104 @@ def test_empirical_fisher_needs_reduction_for_plain_function():
 
     G = per_example_gradients(model, nn.MSELoss(reduction="sum"), X, t)
     assert rel_err(op.to_dense(), G.T @ G) < EXACT
+
+
+class _HostReads:
+    """Counts host reads (device syncs on CUDA) and float64 copies made under it."""
+
+    def __init__(self, monkeypatch):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+        self.reads, self.f64_copies = 0, []
+        tolist = torch.Tensor.tolist
+
+        def counting_tolist(t):
+            counter.reads += 1
+            return tolist(t)
+
+        monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default):
+                    counter.reads += 1
+                if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.float64:
+                    counter.f64_copies.append(args[0].numel())
+                return func(*args, **kwargs)
+
+        self.mode = Mode()
+
+    def __enter__(self):
+        self.reads, self.f64_copies = 0, []
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def test_product_pass_reads_back_once_and_copies_no_batch(monkeypatch):
+    """The data fingerprint stays on the device: host reads per product do not grow with the number of
+    batches (one read per pass), and no float64 copy of a batch is made (float32 data)."""
+    model, loss_fn, (X, y) = make_case("regression", n=24)
+    model, X, y = model.float(), X.float(), y.float()
+    counter = _HostReads(monkeypatch)
+    reads = {}
+    for nb in (2, 6):
+        loader = DataLoader(TensorDataset(X, y), batch_size=24 // nb)
+        op = HessianOperator(model, loss_fn, loader)
+        v = torch.ones(op.shape[0])
+        op @ v  # warm-up
+        with counter:
+            Hv = op @ v
+        reads[nb] = counter.reads
+        assert not any(n >= X[: 24 // nb].numel() for n in counter.f64_copies), counter.f64_copies
+        truth = dense_hessian(model.double(), loss_fn, X.double(), y.double()) @ v.double()
+        model.float()
+        assert rel_err(Hv.double(), truth) < 1e-4  # float32 rounding over ~50 parameters
+    assert reads[2] == reads[6], reads
+
+
+def test_one_batch_loader_is_cached_and_still_checked():
+    model, loss_fn, (X, y) = make_case("mlp", n=8)
+    for data in ([(X, y)], DataLoader(TensorDataset(X, y), batch_size=8)):
+        op = HessianOperator(model, loss_fn, data)
+        v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        assert rel_err(op @ v, dense_hessian(model, loss_fn, X, y) @ v) < EXACT
+        state = op._state
+        assert state is not None
+        assert rel_err(op @ v, dense_hessian(model, loss_fn, X, y) @ v) < EXACT and op._state is state
+        with torch.no_grad():  # an optimizer step rebuilds the cached state
+            for p in model.parameters():
+                p.add_(0.01)
+        assert rel_err(op @ v, dense_hessian(model, loss_fn, X, y) @ v) < EXACT and op._state is not state
+    # the determinism check still applies: a one-batch loader whose batch changes is refused
+    batches = [(X.clone(), y)]
+    op = GGNOperator(model, loss_fn, batches)
+    op @ v
+    batches[0] = (1.1 * X, y)  # as random augmentation would
+    with pytest.raises(RuntimeError, match="data changed between passes"):
+        op @ v
+    # without the check the state is not cached (a changing batch would otherwise go unnoticed)
+    assert GGNOperator(model, loss_fn, batches, check_data=False)._cacheable is False
+
+
+def test_cache_check_version_skips_the_checksum_sync(monkeypatch):
+    model, loss_fn, (X, y) = make_case("mlp", n=8)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), generator=torch.Generator().manual_seed(1),
+                    dtype=torch.float64)
+    counter, reads = _HostReads(monkeypatch), {}
+    for check in ("checksum", "version"):
+        op = HessianOperator(model, loss_fn, (X, y), cache_check=check)
+        op @ v
+        with counter:
+            op @ v
+        reads[check] = counter.reads
+        with torch.no_grad():  # in-place updates bump _version: caught by both
+            model[0].weight.add_(0.1)
+        assert rel_err(op @ v, dense_hessian(model, loss_fn, X, y) @ v) < EXACT
+    assert reads["checksum"] == reads["version"] + 1  # exactly one sync per product for the checksum
+    with pytest.raises(ValueError, match="cache_check must be"):
+        HessianOperator(model, loss_fn, (X, y), cache_check="never")
