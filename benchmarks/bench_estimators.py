@@ -109,12 +109,11 @@ def pyhessian_setup(model, X, y):
         return orig(gradsH, params, v)
 
     ph.hessian_vector_product = counted
-    if not hasattr(torch, "eig"):
-        def eig(T, eigenvectors=True):  # the removed torch.eig, for symmetric T
-            lam, V = torch.linalg.eigh(T)
-            return torch.stack([lam, torch.zeros_like(lam)], dim=1), V
+    def eig(T, eigenvectors=True):  # the removed torch.eig (a raising stub in torch 2.x), symmetric T
+        lam, V = torch.linalg.eigh(T)
+        return torch.stack([lam, torch.zeros_like(lam)], dim=1), V
 
-        torch.eig = eig
+    torch.eig = eig
     H = ph.hessian(copy.deepcopy(model), nn.CrossEntropyLoss(), data=(X, y), cuda=False)
     return H, counter
 
@@ -138,6 +137,17 @@ class _CountingTorchOp:
     def __matmul__(self, X):
         self.n += 1 if X.dim() == 1 else X.shape[1]
         return self.op @ X
+
+    def to_scipy(self, *args, **kwargs):  # curvlinops' boundary estimates call eigsh
+        from scipy.sparse.linalg import LinearOperator
+
+        sop = self.op.to_scipy(*args, **kwargs)
+
+        def mv(x):
+            self.n += 1
+            return sop.matvec(x)
+
+        return LinearOperator(sop.shape, matvec=mv, dtype=sop.dtype)
 
 
 def counting_scipy(op):
@@ -173,14 +183,20 @@ def relerr(a, b):
     return float(np.max(np.abs(a - b) / np.abs(b)))
 
 
-def bench_workload(name, factory, repeats, rows, notes):
+class _Notes(list):
+    def append(self, s):  # print as we go (a late failure must not lose them)
+        print("  NOTE", s, flush=True)
+        super().append(s)
+
+
+def bench_workload(name, factory, repeats, rows, notes, tasks=("eig", "trace", "density")):
     model, X, y = factory()
     n = sum(p.numel() for p in model.parameters())
     loss_fn = nn.CrossEntropyLoss()
     print(f"== {name}: n = {n}")
     t0 = CLOCK()
     ref5, agree = reference_eigenvalues(model, X, y, 5)
-    tr_true = reference_trace(model, X, y)
+    tr_true = reference_trace(model, X, y) if "trace" in tasks else float("nan")
     notes.append(f"{name}: reference top-5 (float64 Lanczos 1e-10) = {np.array2string(ref5, precision=6)}; "
                  f"agrees with float64 eigsh to {agree:.1e}; exact trace (BackPACK DiagHessian, float64) = "
                  f"{tr_true:.6g}; references took {CLOCK() - t0:.0f} s")
@@ -200,7 +216,7 @@ def bench_workload(name, factory, repeats, rows, notes):
         print(f"  {task:<22} {method:<38} {products:>6} {seconds:8.2f} s  err {err}  {extra}")
 
     # ---- top-k eigenvalues
-    for k in (1, 5):
+    for k in ((1, 5) if "eig" in tasks else ()):
         ref = ref5[:k]
 
         def run_ours():
@@ -209,6 +225,12 @@ def bench_workload(name, factory, repeats, rows, notes):
             return r
         r, t = timed(run_ours, repeats)
         add(f"top-{k} eigenvalues", "ours top_eigenvalues(tol=1e-6)", r.num_matvecs, t,
+            f"{relerr(r.eigenvalues.numpy(), ref):.1e}")
+
+        def run_ours_ev():
+            return estimators.top_eigenvalues(ours_op(), k, tol=1e-6, criterion="eigenvalue", seed=0)
+        r, t = timed(run_ours_ev, repeats)
+        add(f"top-{k} eigenvalues", "ours top_eigenvalues(tol=1e-6, criterion='eigenvalue')", r.num_matvecs, t,
             f"{relerr(r.eigenvalues.numpy(), ref):.1e}")
 
         def run_ph():
@@ -228,7 +250,16 @@ def bench_workload(name, factory, repeats, rows, notes):
         (ev, cnt), t = timed(run_cl, repeats)
         add(f"top-{k} eigenvalues", "curvlinops + scipy eigsh(tol=1e-6)", cnt, t, f"{relerr(ev, ref):.1e}")
 
-    # ---- warm start (sharpness tracking): the same operator, previous vectors
+    if "eig" in tasks:
+        warm_start(name, model, X, y, loss_fn, ours_op, notes)
+    if "trace" in tasks:
+        traces(name, model, X, y, ours_op, tr_true, repeats, add)
+    if "density" in tasks:
+        densities(model, X, y, ours_op, ref5, repeats, add)
+
+
+def warm_start(name, model, X, y, loss_fn, ours_op, notes):
+    """Sharpness tracking: the next operator after a small parameter step, previous vectors."""
     op = ours_op()
     prev = estimators.top_eigenvalues(op, 5, tol=1e-6, seed=0)
     m2 = copy.deepcopy(model)
@@ -246,7 +277,10 @@ def bench_workload(name, factory, repeats, rows, notes):
                  f"{warm.num_matvecs} products for top-5 vs {cold.num_matvecs} cold; top-1 {warm1.num_matvecs} vs "
                  f"{cold1.num_matvecs}; eigenvalues agree to {relerr(warm.eigenvalues.numpy(), cold.eigenvalues.numpy()):.1e}")
 
-    # ---- trace: 100 probes
+
+
+def traces(name, model, X, y, ours_op, tr_true, repeats, add):
+    """100 probes, and to 1% relative error."""
     def run_h100():
         return estimators.hutchinson_trace(ours_op(), 100, block_size=10, seed=0)
     r, t = timed(run_h100, repeats)
@@ -301,7 +335,10 @@ def bench_workload(name, factory, repeats, rows, notes):
     add("trace to 1%", "PyHessian trace(tol=0.01)", cnt, t, f"{abs(est - tr_true) / abs(tr_true):.1e}",
         "(stops on a 1% change of the running mean)")
 
-    # ---- spectral density: 1 probe x 100 Lanczos steps (PyHessian's defaults)
+
+
+def densities(model, X, y, ours_op, ref5, repeats, add):
+    """Spectral density: 1 probe x 100 Lanczos steps (PyHessian's defaults)."""
     def run_d():
         d = estimators.spectral_density(ours_op(), num_probes=1, num_steps=100, seed=0)
         d.evaluate()
@@ -334,15 +371,16 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workloads", default="mlp,cnn")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tasks", default="eig,trace,density", help="subset of eig,trace,density")
     ap.add_argument("--out", default=None, help="markdown file to write")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     args = ap.parse_args()
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
-    rows, notes = [], []
+    rows, notes = [], _Notes()
     for w in args.workloads.split(","):
-        bench_workload(w, {"mlp": make_mlp, "cnn": make_cnn}[w], args.repeats, rows, notes)
+        bench_workload(w, {"mlp": make_mlp, "cnn": make_cnn}[w], args.repeats, rows, notes, args.tasks.split(","))
     lines = ["## Estimators: eigenvalues, traces, densities (vs PyHessian 0.1, curvlinops 3.0.1)", "",
              f"Command: `python benchmarks/bench_estimators.py --repeats {args.repeats} "
              f"--workloads {args.workloads} --out benchmarks/results_estimators.md` "

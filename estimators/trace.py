@@ -66,7 +66,7 @@ def hutchinson_trace(
         deviation of the per-probe values over ``sqrt(num_probes)``.  Cost: one product
         per probe.
     """
-    n = check_square(op, "hutchinson_trace")
+    check_square(op, "hutchinson_trace")
     num_probes = _check_count(num_probes, "num_probes")
     block_size = _check_count(block_size, "block_size")
     if probe not in PROBE_KINDS:
@@ -89,7 +89,6 @@ def hutchinson_trace(
                 converged = True
                 break
     s = torch.cat(samples)
-    del n
     return TraceResult(
         estimate=s.mean(), std_error=_std_error(s), num_matvecs=op.num_matvecs - before,
         num_probes=s.numel(), seed=seed, method="hutchinson", samples=s, converged=converged,
@@ -122,7 +121,7 @@ def hutchpp_trace(
         :class:`~estimators.results.TraceResult`; ``std_error`` is the standard error of
         the Hutchinson part given the sketch.
     """
-    n = check_square(op, "hutchpp_trace")
+    check_square(op, "hutchpp_trace")
     m = _check_count(num_matvecs, "num_matvecs", 3)
     block_size = _check_count(block_size, "block_size")
     gen, seed = make_generator(seed, generator, op.device)
@@ -143,7 +142,6 @@ def hutchpp_trace(
         samples.append((Gm * AG).sum(dim=0))
         drawn += b
     s = torch.cat(samples)
-    del n
     return TraceResult(
         estimate=t_low + s.mean(), std_error=_std_error(s), num_matvecs=op.num_matvecs - before,
         num_probes=k + rest, seed=seed, method="hutch++", samples=None,

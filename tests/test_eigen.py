@@ -1,6 +1,5 @@
 """Extreme eigenpairs (top_eigenvalues, power_iteration) against torch.linalg.eigvalsh (float64)."""
 
-import math
 import warnings
 
 import pytest
