@@ -8,7 +8,7 @@ passed a generator, or when the method drew nothing random).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -47,7 +47,7 @@ class TraceResult:
     num_probes: int
     seed: int | None
     method: str
-    samples: Tensor | None = None
+    samples: Tensor | None = field(default=None, repr=False)
     converged: bool = True
 
     def __float__(self) -> float:
@@ -94,7 +94,7 @@ class EigenResult:
     """
 
     eigenvalues: Tensor
-    eigenvectors: Tensor
+    eigenvectors: Tensor = field(repr=False)
     residuals: Tensor
     error_bounds: Tensor
     converged: Tensor
@@ -123,7 +123,7 @@ class LanczosResult:
         seed: the seed (``None`` if ``v0`` or a generator was given).
     """
 
-    basis: Tensor
+    basis: Tensor = field(repr=False)
     alphas: Tensor
     betas: Tensor
     next_vector: Tensor

@@ -170,9 +170,13 @@ def xtrace(
     residual term is rescaled by ``(n - k + 1) / ||(I - P_(i)) w_i||^2``, which makes it
     exact when ``A`` restricted to the complement is a multiple of the identity.
 
+    If the sketch is numerically rank deficient (the operator has rank ``r < m/2``, as
+    a network with dead units does), the trace is computed exactly on the sketch's range
+    (``m/2 + r`` products, ``std_error = 0``) instead of dividing by a singular ``R``.
+
     Args:
         op: square operator.
-        num_matvecs: product budget ``m >= 4`` (``2 (m // 2)`` are used).
+        num_matvecs: product budget ``m >= 4`` (at most ``2 (m // 2)`` are used).
         probe: ``"sphere"`` (default), ``"rademacher"`` or ``"gaussian"``.
         seed, generator: randomness.
 
@@ -194,17 +198,20 @@ def xtrace(
     before = op.num_matvecs
     Om = draw_probes(op, k, probe, gen)
     Y = op.matmat(Om)
+    low_rank = _exact_low_rank_trace(op, Y, n)
+    if low_rank is not None:
+        t = low_rank.reshape(1)
+        return TraceResult(
+            estimate=low_rank, std_error=torch.zeros_like(low_rank),
+            num_matvecs=op.num_matvecs - before, num_probes=k, seed=seed, method="xtrace",
+            samples=t,
+        )
     Q, R = torch.linalg.qr(Y)
     Z = op.matmat(Q)
     H = Q.T @ Z
     W = Q.T @ Om
     eye = torch.eye(k, dtype=R.dtype, device=R.device)
     Rinv = torch.linalg.solve_triangular(R, eye, upper=True)
-    if not bool(torch.isfinite(Rinv).all()):
-        raise FloatingPointError(
-            "xtrace: the sketch A @ Omega is rank deficient (the operator has rank < m/2); "
-            "use fewer products or op.diagonal().sum()."
-        )
     S = Rinv.T
     S = S / S.norm(dim=0, keepdim=True)
     c = (S * W).sum(dim=0)  # s_i^T W_i
@@ -218,6 +225,28 @@ def xtrace(
         estimate=t.mean(), std_error=_std_error(t), num_matvecs=op.num_matvecs - before,
         num_probes=k, seed=seed, method="xtrace", samples=t,
     )
+
+
+def _exact_low_rank_trace(op: LinearOperator, Y: Tensor, n: int) -> Tensor | None:
+    """``tr(A)`` exactly when the sketch ``Y = A Omega`` is rank deficient, else ``None``.
+
+    With generic test vectors, ``rank(Y) < k`` means ``range(Y) = range(A)`` (the
+    operator has rank ``r < k``), so ``A = P A`` for the projector ``P = Q_r Q_r^T`` onto
+    ``range(Y)`` and ``tr(A) = tr(Q_r^T A Q_r)``: exact, at ``r`` more products.  The
+    numerical rank counts singular values above ``max(n, k) eps sigma_max`` (what
+    ``torch.linalg.matrix_rank`` uses), so directions below rounding are not
+    amplified by ``R^{-1}`` in the leave-one-out formulas.
+    """
+    k = Y.shape[1]
+    U, sv, _ = torch.linalg.svd(Y, full_matrices=False)
+    if sv.numel() == 0 or float(sv[0]) == 0.0:
+        return torch.zeros((), dtype=Y.dtype, device=Y.device)
+    cutoff = max(n, k) * torch.finfo(Y.dtype).eps * sv[0]
+    r = int((sv > cutoff).sum())
+    if r >= k:
+        return None
+    Qr = U[:, :r]
+    return (Qr * op.matmat(Qr)).sum()
 
 
 def xnystrace(
