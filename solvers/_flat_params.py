@@ -10,6 +10,8 @@ the constructor arguments both optimizers share.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -183,6 +185,32 @@ def resolve_closure(optimizer, closure, batch, model, loss_fn) -> tuple[Callable
     if model is None or loss_fn is None:
         raise ValueError(f"{name}.step(batch=...) without a closure needs model= and loss_fn= in the constructor.")
     return default_closure(optimizer, model, loss_fn, batch), True
+
+
+def start_step(optimizer, closure, batch, model, loss_fn):
+    """The opening shared by the curvature optimizers' ``step``.
+
+    Resolves the closure, evaluates it and gathers the flat gradient.
+
+    Returns:
+        ``(closure, own_closure, loss, f0, g)``: the closure used, whether it is the
+        default one built from ``batch``, the loss as the closure returned it, its float
+        value and the flat gradient ``[n]``.
+
+    Raises:
+        FloatingPointError: the loss or its gradient is not finite (nothing is changed).
+    """
+    name = type(optimizer).__name__
+    params = check_params(optimizer)
+    closure, own = resolve_closure(optimizer, closure, batch, model, loss_fn)
+    loss, f0 = evaluate_closure(closure, name)
+    g = gather_flat_grad(params, name if math.isfinite(f0) else None)
+    if not math.isfinite(f0) or not bool(torch.isfinite(g).all()):
+        raise FloatingPointError(
+            f"{name}: the loss ({f0}) or its gradient at the current parameters is not finite; "
+            "no step was taken."
+        )
+    return closure, own, loss, f0, g
 
 
 def loss_only(model, loss_fn, batch, name: str) -> float:

@@ -279,14 +279,7 @@ class NewtonCG(torch.optim.Optimizer):
         group = self.param_groups[0]
         state = self._global_state(params)
 
-        closure, own_closure = fp.resolve_closure(self, closure, batch, self.model, self.loss_fn)
-        loss, f0 = fp.evaluate_closure(closure, name)
-        g = fp.gather_flat_grad(params, name if math.isfinite(f0) else None)
-        if not math.isfinite(f0) or not bool(torch.isfinite(g).all()):
-            raise FloatingPointError(
-                f"{name}: the loss ({f0}) or its gradient at the current parameters is not finite; "
-                "no step was taken."
-            )
+        closure, own_closure, loss, f0, g = fp.start_step(self, closure, batch, self.model, self.loss_fn)
         state["step"] += 1
         lam = state["damping"]
         info: dict[str, Any] = dict(

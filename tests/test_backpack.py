@@ -14,14 +14,6 @@ from models import make_case
 EXACT = 1e-10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("name,red", [("mlp", "mean"), ("mlp", "sum"), ("cnn", "mean"), ("regression", "mean"),
                                       ("regression", "sum")])
 def test_exact_diagonals_equal_dense(name, red):

@@ -12,14 +12,6 @@ from models import batchnorm_dropout, classification_data, make_case
 EXACT = 1e-10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _truth(kind, model, loss_fn, X, y):
     if kind == "hessian":
         return dense_hessian(model, loss_fn, X, y)

@@ -8,7 +8,7 @@ import torch
 from curvature import DenseOperator
 from estimators import hutchinson_trace, spectral_density
 from estimators._probes import draw_probes, make_generator
-from spectra import operator_with_spectrum, single_thread  # noqa: F401  (autouse fixture)
+from spectra import operator_with_spectrum
 
 
 def _op(n=300, seed=0):

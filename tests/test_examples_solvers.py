@@ -4,18 +4,8 @@ import importlib.util
 import os
 
 import pytest
-import torch
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "examples")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Small dense problems: one intra-op thread (restored afterwards) avoids oversubscription."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def load(name):

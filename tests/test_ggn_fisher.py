@@ -23,14 +23,6 @@ from models import make_case, mlp, classification_data
 EXACT = 1e-10  # float64, same terms summed in a different order (see test_hessian.py)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 CASES = [("mlp", "mean"), ("cnn", "mean"), ("layernorm", "mean"), ("regression", "mean"),
          ("regression", "sum"), ("bce", "mean"), ("bce", "sum"), ("mlp", "sum")]
 

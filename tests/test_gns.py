@@ -28,15 +28,6 @@ from solvers.problems import (
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Small dense problems: one intra-op thread (restored afterwards) avoids oversubscription."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def rand(n, seed):
     return torch.randn(n, dtype=DT, generator=torch.Generator().manual_seed(seed))
 

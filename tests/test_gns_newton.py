@@ -24,14 +24,6 @@ from solvers.gns_newton import sufficient_decrease
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _flat(params):
     return torch.cat([p.detach().reshape(-1) for p in params]).clone()
 

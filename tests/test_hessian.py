@@ -21,15 +21,6 @@ FD_TOL = 1e-7
 CASES = ["mlp", "cnn", "layernorm", "regression", "bce"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: thread start-up dominates and oversubscribes the shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module", params=CASES)
 def case(request):
     model, loss_fn, (X, y) = make_case(request.param, n=8)

@@ -21,14 +21,6 @@ from models import make_case
 EXACT = 1e-10  # float64 products/solves of well-conditioned small matrices: ~1e-14 observed scale
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _spd(n, seed, shift=0.5):
     g = torch.Generator().manual_seed(seed)
     M = torch.randn(n, n, generator=g, dtype=torch.float64)

@@ -5,7 +5,7 @@ import torch
 
 from curvature import CallableOperator, DenseOperator
 from estimators import lanczos, lanczos_batched
-from spectra import operator_with_spectrum, single_thread  # noqa: F401  (autouse fixture)
+from spectra import operator_with_spectrum
 
 EPS = torch.finfo(torch.float64).eps
 

@@ -18,15 +18,6 @@ from solvers.problems import Rosenbrock, make_logistic_regression
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Small dense problems: one intra-op thread (restored afterwards) avoids oversubscription."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def logistic():
     return make_logistic_regression(1000, 200, l2=0.0, seed=2)

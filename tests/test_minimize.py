@@ -21,13 +21,6 @@ from solvers.problems import Rosenbrock, make_logistic_regression
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Small dense problems: one intra-op thread (restored afterwards) avoids oversubscription."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 SECOND_ORDER = ["cubic_newton", "arc", "lazy_cubic_newton", "lazy_regularized_newton", "gns",
                 "super_universal_newton"]
 

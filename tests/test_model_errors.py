@@ -9,14 +9,6 @@ from curvature import FisherOperator, GGNOperator, HessianOperator, block_diagon
 from models import classification_data, make_case, mlp
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def setup():
     return make_case("mlp", n=6)

@@ -17,14 +17,6 @@ from tests.models import make_case
 EPS = torch.finfo(torch.float64).eps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _gd_step(model, loss_fn, X, y, opt):
     opt.zero_grad()
     loss = loss_fn(model(X), y)

@@ -22,15 +22,6 @@ from solvers.newton_cg import diagonal_preconditioner
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: thread contention on a shared 2-core machine costs 100x here.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 # ---------------------------------------------------------------- problems
 def _data(n=64, d=4, m=2, seed=0, noise=0.1):
     g = torch.Generator().manual_seed(seed)

@@ -35,8 +35,6 @@ import curvature
 import estimators
 import solvers
 
-torch.set_num_threads(1)
-
 DT = torch.float64
 RTOL = 1e-10
 
@@ -368,20 +366,14 @@ def test_top_eigenvalues_vs_eigvalsh_and_eigsh(spectrum, which, k):
 @pytest.mark.parametrize(
     "evals, which, k",
     [
-        pytest.param([10.0] * 5 + [9.999] * 3 + list(np.linspace(-1, 1, 52)), "LA", 5,
-                     marks=pytest.mark.xfail(strict=True, reason=(
-                         "top_eigenvalues misses multiplicities: single-vector Krylov space holds one "
-                         "vector per eigenspace; returns [10,10,10,9.999,9.999], all 'converged'"))),
-        pytest.param([0.0] * 40 + list(np.logspace(0, 2, 20)), "SA", 5,
-                     marks=pytest.mark.xfail(strict=True, reason=(
-                         "top_eigenvalues misses the null-space multiplicity (rank-deficient SA): "
-                         "returns [0, 0, 1, 1.27, 1.62], all 'converged'"))),
+        pytest.param([10.0] * 5 + [9.999] * 3 + list(np.linspace(-1, 1, 52)), "LA", 5),
+        pytest.param([0.0] * 40 + list(np.logspace(0, 2, 20)), "SA", 5),
     ],
     ids=["LA-five-fold", "SA-null-space"],
 )
 def test_top_eigenvalues_finds_multiplicities(evals, which, k):
     A = _sym(evals)
-    r = estimators.top_eigenvalues(curvature.DenseOperator(A), k, which, tol=1e-10, seed=0)
+    r = estimators.top_eigenvalues(curvature.DenseOperator(A), k, which, tol=1e-10, seed=0, verify=True)
     assert torch.allclose(r.eigenvalues, _wanted(torch.linalg.eigvalsh(A), which, k), atol=1e-8)
 
 

@@ -26,15 +26,6 @@ from estimators import SpectrumReport, spectrum_report
 TESTS = Path(__file__).resolve().parent
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead (and stall badly on a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def fixture_module(monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))

@@ -25,15 +25,6 @@ from solvers import (
 KAPPAS = (1, 5, 10, 20)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    """Small dense problems: one thread avoids oversubscription on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _rand(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 

@@ -22,14 +22,6 @@ from tests.models import make_case
 EPS = torch.finfo(torch.float64).eps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _check_top(res, evals_desc, scale):
     """Ritz values within their error bounds (plus rounding) of the true top eigenvalues."""
     k = res.eigenvalues.numel()

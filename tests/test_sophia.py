@@ -19,16 +19,6 @@ from solvers import GNBEstimator, HutchinsonEstimator, Sophia
 from solvers.curvature_estimators import rademacher
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threading only adds overhead (and contention on a shared CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 Z = 5.0  # z-score for Monte-Carlo checks: a false failure has probability < 1e-6 per coordinate
 
 

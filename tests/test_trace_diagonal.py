@@ -8,7 +8,7 @@ import torch
 from curvature import CallableOperator, DenseOperator
 from estimators import hutchinson_diagonal, hutchinson_trace, hutchpp_trace, xdiag, xnystrace, xtrace
 from estimators._probes import draw_probes, make_generator, rademacher, sphere
-from spectra import operator_with_spectrum, paper_spectrum, single_thread  # noqa: F401  (autouse fixture)
+from spectra import operator_with_spectrum, paper_spectrum
 
 
 def _sym(n=60, seed=0):
