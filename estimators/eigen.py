@@ -13,6 +13,12 @@ vectors.  A warm start ``v0`` (the previous eigenvectors, say) gives a Krylov
 sequence from a start vector made of the previous eigenvectors, so a good warm start converges in a
 few products.
 
+Repeated eigenvalues: a single-vector Krylov space holds one vector per eigenspace, so
+a ``p``-fold eigenvalue can be reported fewer than ``p`` times.  ``block_size = b``
+starts from ``b`` random columns (multiplicities up to ``b`` at no extra cost), and
+``verify=True`` checks the deflated operator after convergence (about 1.8x the products
+on the spectra of ``tests/spectra.py``, hence off by default).
+
 For float32/float16/bfloat16 operators the bookkeeping (basis, projected matrix, Ritz
 vectors) is done in float64: it costs ``O(n m)`` per step, far less than a product, and
 keeps the Ritz values at the accuracy of the products (``~1e-8`` relative on a float32
@@ -88,7 +94,7 @@ def _orthonormalize_against(Vt: Tensor, D: Tensor, drop: float) -> Tensor:
             out.append(d / nd)
     if not out:
         return D.new_zeros(D.shape[0], 0)
-    return torch.stack(out, dim=1)
+    return out[0].unsqueeze(1) if len(out) == 1 else torch.stack(out, dim=1)
 
 
 def _threshold(th: Tensor, theta_all: Tensor, tol: float, eps: float, anorm: float,
@@ -118,6 +124,77 @@ def _error_bounds(theta_sel: Tensor, theta_all: Tensor, res: Tensor) -> Tensor:
     return bounds
 
 
+def _more_wanted(a: float, b: float, which: str, margin: float) -> bool:
+    """Whether ``a`` is more wanted than ``b`` by more than ``margin``."""
+    if which == "LA":
+        return a > b + margin
+    if which == "SA":
+        return a < b - margin
+    return abs(a) > abs(b) + margin
+
+
+def _verify_multiplicities(op, which, th, X, AX, theta, *, tol, criterion, budget, gen, max_basis):
+    """Merge missed copies of repeated eigenvalues into the converged pairs (``verify=True``).
+
+    ``th [k]``, ``X [n, k]``, ``AX [n, k]`` are the converged Ritz pairs (working dtype).
+    Each round finds the best pair ``(mu, z)`` of ``P A P`` (``P = I - X X^T``) from a random
+    start orthogonal to ``X``; if ``mu`` beats ``th[-1]`` by more than the convergence
+    threshold, Rayleigh-Ritz on ``[X, z]`` (one product, ``A X`` is reused) gives the new
+    pairs.  Returns ``(th, X, res, theta)`` with exact residuals; at most ``k`` rounds.
+    """
+    from curvature import CallableOperator
+
+    n, k = X.shape
+    dtype, wdtype = op.dtype, X.dtype
+    eps = torch.finfo(dtype).eps
+    start = op.num_matvecs
+    res = (AX - X * th).norm(dim=0)
+    for _ in range(k):
+        left = budget - (op.num_matvecs - start)
+        if left < 2:
+            break
+        Xo = X.to(dtype)
+
+        # P A P + s X X^T with s less wanted than th[-1]: rounding leaks X components
+        # into the Krylov space, which must not find span(X) (eigenvalue 0 of P A P)
+        # as "more wanted" (e.g. SA on a positive spectrum)
+        tk = float(th[-1])
+        span = max(abs(tk), float(th.abs().max()), 1e-300)
+        shift = tk - 2 * span if which == "LA" else tk + 2 * span if which == "SA" else 0.0
+
+        def proj(Y: Tensor, Xo: Tensor = Xo, shift: float = shift) -> Tensor:
+            C = Xo.T @ Y
+            Z = op.matmat(Y - Xo @ C)
+            return Z - Xo @ (Xo.T @ Z) + shift * (Xo @ C)
+
+        defl = CallableOperator(proj, (n, n), dtype=dtype, device=op.device, is_symmetric=True)
+        r0 = torch.randn(n, generator=gen, device=op.device, dtype=dtype).to(wdtype)
+        r0 = r0 - X @ (X.T @ r0)
+        r0 = r0 - X @ (X.T @ r0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            sub = top_eigenvalues(defl, 1, which, tol=tol, max_matvecs=left - 1, v0=r0.to(dtype),
+                                  generator=gen, max_basis=max_basis, criterion=criterion)
+        mu = float(sub.eigenvalues[0])
+        anorm = max(float(th.abs().max()), abs(mu))
+        margin = max(tol * max(abs(float(th[-1])), eps ** (2.0 / 3.0) * anorm), 50 * eps * anorm)
+        if not _more_wanted(mu, float(th[-1]), which, margin):
+            break
+        z = sub.eigenvectors[:, 0].to(wdtype)
+        z = z - X @ (X.T @ z)
+        z = z / z.norm()
+        Az = op.matmat(z[:, None].to(dtype)).to(wdtype)
+        B = torch.cat([X, z[:, None]], dim=1)
+        AB = torch.cat([AX, Az], dim=1)
+        Hs = B.T @ AB
+        theta_s, Y = _eigh_small(0.5 * (Hs + Hs.T))
+        sel = _order(theta_s, which)[:k]
+        th, X, AX = theta_s[sel], B @ Y[:, sel], AB @ Y[:, sel]
+        theta = torch.cat([theta, theta_s])
+        res = (AX - X * th).norm(dim=0)
+    return th, X, res, theta
+
+
 def top_eigenvalues(
     op: LinearOperator,
     k: int = 1,
@@ -131,6 +208,7 @@ def top_eigenvalues(
     max_basis: int | None = None,
     block_size: int = 1,
     criterion: str = "residual",
+    verify: bool = False,
 ) -> EigenResult:
     """The ``k`` extreme eigenpairs of a symmetric operator by thick-restart Lanczos.
 
@@ -164,6 +242,18 @@ def top_eigenvalues(
             for eigenvalues alone, but the gap comes from Ritz values: an eigenvalue the
             Krylov space has not found yet can make the bound optimistic (eigenvectors
             are then accurate only to about ``r_i / gap_i``).
+        verify: look for missed copies of repeated eigenvalues.  A single-vector
+            Krylov space holds one vector per eigenspace (copies appear only through
+            rounding), so a ``p``-fold eigenvalue can be reported fewer than ``p`` times
+            with every pair "converged".  With ``verify=True``, after convergence the
+            best pair of the deflated operator ``P A P`` (``P = I - X X^T``, ``X`` the
+            converged vectors) is computed from a fresh random start orthogonal to
+            ``X``; if it is more wanted than the ``k``-th value (by more than its
+            convergence threshold) it is merged by Rayleigh-Ritz on ``[X, z]`` and the
+            check repeats (at most ``k`` rounds).  Each round costs one top-1 solve
+            (tens of products), so it is off by default; ``block_size > 1`` (a random
+            start block of ``block_size`` columns) also resolves multiplicities up to
+            ``block_size`` at no extra cost.
 
     Returns:
         :class:`~estimators.results.EigenResult` (``eigenvalues [k]``, ``eigenvectors
@@ -205,7 +295,9 @@ def top_eigenvalues(
 
     # ---- start basis
     if v0 is None:
-        D = torch.randn(n, 1, generator=gen, device=device, dtype=dtype).to(wdtype)
+        # a block of b random columns: a block Krylov space holds up to b vectors
+        # of each eigenspace, so multiplicities up to block_size are found
+        D = torch.randn(n, min(b, mb), generator=gen, device=device, dtype=dtype).to(wdtype)
     else:
         if not isinstance(v0, Tensor) or v0.dim() not in (1, 2) or v0.shape[0] != n:
             raise ValueError(f"v0 must have shape [{n}] or [{n}, j], got {getattr(v0, 'shape', v0)}.")
@@ -218,13 +310,20 @@ def top_eigenvalues(
             # warm direction, and measured to beat a Rayleigh-Ritz step on the block
             # (e.g. 12 vs 23 products for the top 5 after a 1e-4 perturbation)
             D = (D / D.norm(dim=0).clamp(min=torch.finfo(wdtype).tiny)).sum(dim=1, keepdim=True)
+        if b > 1 and D.shape[1] < b:
+            # fill the start block with random columns (multiplicities up to b)
+            R = torch.randn(n, b - D.shape[1], generator=gen, device=device, dtype=dtype).to(wdtype)
+            D = torch.cat([D, R], dim=1)
         D = D[:, : max(1, mb - b)]
         seed_used = seed_used if generator is None and seed is not None else None
     # basis and products stored as rows ([mb, n]) so that the first m are contiguous
-    Vt = torch.empty(mb, n, device=device, dtype=wdtype)
-    Wt = torch.empty(mb, n, device=device, dtype=wdtype)
+    # V and W interleaved ([mb, 2, n]): row i of V and of W are adjacent, so the new
+    # rows (v, w) form one [2j, n] block for the Gram products without a concatenation
+    VW = torch.empty(mb, 2, n, device=device, dtype=wdtype)
+    Vt, Wt = VW[:, 0], VW[:, 1]
     H = torch.zeros(mb, mb, device=device, dtype=wdtype)
     G = torch.zeros(mb, mb, device=device, dtype=wdtype)
+    F = torch.zeros(mb, mb, device=device, dtype=wdtype)  # V^T W, unsymmetrized
     m = 0
     anorm = 0.0
     restarts = 0
@@ -238,10 +337,15 @@ def top_eigenvalues(
             return 0
         j = D.shape[1]
         WD = op.matmat(D.to(dtype)).to(wdtype)
-        Vt[m:m + j] = D.T
-        Wt[m:m + j] = WD.T
+        for i in range(j):  # row-wise 1-D copies: a [1, n] <- [n, 1]^T copy is ~20x slower
+            Vt[m + i].copy_(D[:, i])
+            Wt[m + i].copy_(WD[:, i])
         hc = Vt[: m + j] @ WD
-        gc = Wt[: m + j] @ WD
+        # one pass over W gives both W^T W_new and W^T D (the row block of V^T W)
+        gd = Wt[: m + j] @ VW[m:m + j].reshape(2 * j, n).T  # columns v_m, w_m, v_m+1, ...
+        gc = gd[:, 1::2]
+        F[: m + j, m:m + j] = hc
+        F[m:m + j, :m] = gd[:m, 0::2].T
         H[: m + j, m:m + j] = hc
         H[m:m + j, : m + j] = hc.T
         G[: m + j, m:m + j] = gc
@@ -264,17 +368,22 @@ def top_eigenvalues(
         thresh = _threshold(th, theta, tol, eps, anorm, criterion, None)
         # residual norms from the Gram matrix G = W^T W; the exact residuals
         # W y - theta V y read all of V and W, so they are formed only where needed
-        est = ((Ys * (G[:m, :m] @ Ys)).sum(0) - th**2).clamp(min=0).sqrt()
-        # r^2 = y^T G y - theta^2 is exact only for an exactly symmetric product; the
-        # rounding of the products (eps of the operator's dtype) makes est uncertain by
-        # ~sqrt(eps) anorm, below which the exact residual decides
-        near = est <= 10 * thresh + 10 * math.sqrt(eps) * anorm
+        # ||W y - theta V y||^2 = y^T G y - 2 theta y^T F y + theta^2 (V orthonormal, y
+        # unit) holds for the stored products even when they are not exactly symmetric
+        # (F = V^T W both triangles); its float64 cancellation makes est uncertain by
+        # ~sqrt(m eps_64) anorm, below which the exact residual decides
+        est = ((Ys * (G[:m, :m] @ Ys)).sum(0) - 2 * th * (Ys * (F[:m, :m] @ Ys)).sum(0)
+               + th**2).clamp(min=0).sqrt()
+        near = est <= 10 * thresh + 10 * math.sqrt(m * eps_w) * anorm
         res = est.clone()
         if m == n:
             near[:] = True
-        if bool(near.any()):
+        # exact residuals only once every wanted pair is near: stopping needs all of them,
+        # and before that est only picks which residuals extend the basis (two passes
+        # over V and W saved per step)
+        if bool(near.all()):
             Yn = Ys[:, near]  # row form: a [k, m] x [m, n] product streams V and W once
-            res[near] = (Yn.T @ Wt[:m] - (Yn * th[near]).T @ Vt[:m]).norm(dim=1)
+            res[near] = torch.addmm(Yn.T @ Wt[:m], (Yn * th[near]).T, Vt[:m], alpha=-1).norm(dim=1)
         thresh = _threshold(th, theta, tol, eps, anorm, criterion, res)
         conv = (res <= thresh) | torch.tensor(m == n, device=device)
         spent = op.num_matvecs - before
@@ -288,6 +397,7 @@ def top_eigenvalues(
             Vt[:keep] = Yk.T @ Vt[:m]
             Wt[:keep] = Yk.T @ Wt[:m]
             G[:keep, :keep] = Yk.T @ G[:m, :m] @ Yk
+            F[:keep, :keep] = Yk.T @ F[:m, :m] @ Yk
             Hk = Yk.T @ Hm @ Yk
             H.zero_()
             H[:keep, :keep] = 0.5 * (Hk + Hk.T)
@@ -326,10 +436,16 @@ def top_eigenvalues(
     sel = order[:kk]
     th, Ys = theta[sel], Y[:, sel]
     Xt = Ys.T @ Vt[:m]
-    res = (Ys.T @ Wt[:m] - th[:, None] * Xt).norm(dim=1)
+    res = torch.addcmul(Ys.T @ Wt[:m], th[:, None], Xt, value=-1).norm(dim=1)
     X = Xt.T
     thresh = _threshold(th, theta, tol, eps, anorm, criterion, res)
     conv = (res <= thresh) | torch.tensor(m == n, device=device)
+    if verify and kk == k and k < n and bool(conv.all()):
+        th, X, res, theta = _verify_multiplicities(
+            op, which, th, X, (Ys.T @ Wt[:m]).T, theta, tol=tol, criterion=criterion,
+            budget=budget - (op.num_matvecs - before), gen=gen, max_basis=max_basis)
+        thresh = _threshold(th, theta, tol, eps, anorm, criterion, res)
+        conv = res <= thresh
     if kk < k or not bool(conv.all()):
         warnings.warn(
             f"top_eigenvalues: {int(conv.sum())} of {k} eigenpairs converged to tol={tol:g} "

@@ -8,12 +8,11 @@ gives the six test spectra of Epperly, Tropp & Webber (XTrace, SIMAX 2024, Fig. 
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from curvature import DenseOperator
 
-__all__ = ["haar_orthogonal", "operator_with_spectrum", "paper_spectrum", "PAPER_SPECTRA", "single_thread"]
+__all__ = ["haar_orthogonal", "operator_with_spectrum", "paper_spectrum", "PAPER_SPECTRA"]
 
 PAPER_SPECTRA = ("flat", "poly", "slowexp", "fastexp", "smallstep", "bigstep")
 
@@ -54,15 +53,3 @@ def paper_spectrum(name: str, n: int = 1000, dtype=torch.float64) -> torch.Tenso
     raise ValueError(f"Unknown spectrum {name!r}; use one of {PAPER_SPECTRA}.")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Run a test module single-threaded (restored afterwards).
-
-    The problems here are small dense matrices (n <= 1000): the thread pool's start-up
-    and spinning dominate, and on a loaded 2-core machine made a 40 x 40 ``eigh`` 100x
-    slower.  Import this fixture into a test module to use it.
-    """
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)

@@ -9,7 +9,7 @@ from curvature import CallableOperator, ConvergenceWarning, DenseOperator, Hessi
 from dense_truth import dense_hessian
 from estimators import power_iteration, top_eigenvalues
 from models import make_case
-from spectra import operator_with_spectrum, single_thread  # noqa: F401  (autouse fixture)
+from spectra import operator_with_spectrum
 
 EPS = torch.finfo(torch.float64).eps
 N = 200
@@ -81,6 +81,41 @@ def test_repeated_eigenvalue_needs_block():
     op, _ = operator_with_spectrum(lam, seed=5)
     res = top_eigenvalues(op, 3, tol=1e-8, block_size=3, seed=1)
     _check(op, res, torch.full((3,), 7.0, dtype=torch.float64), 1e-8)
+
+
+def test_block_start_finds_null_space_multiplicity():
+    # block_size random start columns: a block Krylov space holds up to block_size
+    # vectors per eigenspace, so the 170-fold zero is found 5 times
+    lam = _spectrum("rank_deficient")
+    op, _ = operator_with_spectrum(lam, seed=3)
+    res = top_eigenvalues(op, 5, "SA", tol=1e-8, block_size=5, seed=0)
+    _check(op, res, _truth(lam, "SA", 5), 1e-8)
+    # a one-column v0 is completed by random columns to the block
+    lam3 = torch.cat([torch.full((3,), 7.0, dtype=torch.float64), torch.linspace(0, 5, N - 3, dtype=torch.float64)])
+    op3, _ = operator_with_spectrum(lam3, seed=5)
+    v0 = torch.ones(N, dtype=torch.float64)
+    res3 = top_eigenvalues(op3, 3, tol=1e-8, block_size=3, v0=v0, seed=1)
+    _check(op3, res3, torch.full((3,), 7.0, dtype=torch.float64), 1e-8)
+
+
+@pytest.mark.parametrize("which", ["LA", "SA"])
+def test_verify_finds_missed_copies(which):
+    # 5-fold 7 and 3-fold 6.999 (or their negatives): without verify the single-vector
+    # Krylov space reports 6.999 among the top 5; verify merges the missed copies
+    lam = torch.cat([torch.full((5,), 7.0), torch.full((3,), 6.999), torch.linspace(-1, 1, N - 8)]).double()
+    lam = lam if which == "LA" else -lam
+    op, _ = operator_with_spectrum(lam, seed=2)
+    plain = top_eigenvalues(op, 5, which, tol=1e-10, seed=0)
+    res = top_eigenvalues(op, 5, which, tol=1e-10, seed=0, verify=True)
+    truth = _truth(lam, which, 5)
+    _check(op, res, truth, 1e-10)
+    assert res.num_matvecs > plain.num_matvecs
+    # on a spectrum without ties verify changes nothing but the cost
+    op2, _ = operator_with_spectrum(_spectrum("clustered"), seed=3)
+    a = top_eigenvalues(op2, 5, which, tol=1e-8, seed=0)
+    b = top_eigenvalues(op2, 5, which, tol=1e-8, seed=0, verify=True)
+    _check(op2, b, _truth(_spectrum("clustered"), which, 5), 1e-8)
+    assert torch.allclose(a.eigenvalues, b.eigenvalues, rtol=0, atol=1e-8 * float(a.eigenvalues.abs().max()))
 
 
 def test_hessian_of_small_model_both_ends():
