@@ -10,7 +10,6 @@ itself.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
 
 import torch
 from torch import Tensor
