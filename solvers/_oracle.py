@@ -308,6 +308,19 @@ class Run:
             return f"f - f_star = {fun - self.f_star:.3e} <= ftol = {self.ftol:.1e}"
         return None
 
+    def stop(self, fun: float, grad_norm: float) -> tuple[bool, str] | None:
+        """``(success, message)`` when the run should end before the next iteration, else ``None``.
+
+        Success when a tolerance is met (:meth:`converged`); failure when ``maxiter``
+        iterations are done.
+        """
+        msg = self.converged(fun, grad_norm)
+        if msg is not None:
+            return True, msg
+        if self.nit >= self.maxiter:
+            return False, f"maximum number of iterations ({self.maxiter}) reached"
+        return None
+
     def result(self, x: Tensor, fun: float, grad_norm: float, success: bool, message: str) -> OptimizeResult:
         self.obj.finalize()
         o = self.obj

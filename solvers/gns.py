@@ -259,12 +259,9 @@ def _gns_loop(rule: str, f, x0, *, curvature, metric, reg0, reg_min, max_tries, 
     run.record(x, fx, gn, reg)
     success, message = False, ""
     while True:
-        msg = run.converged(fx, gn)
-        if msg is not None:
-            success, message = True, msg
-            break
-        if run.nit >= run.maxiter:
-            message = f"maximum number of iterations ({run.maxiter}) reached"
+        stop = run.stop(fx, gn)
+        if stop is not None:
+            success, message = stop
             break
         system = None
         Binv_g = None
@@ -426,12 +423,9 @@ def gradient_descent(f: Callable[[Tensor], Tensor], x0: Tensor, *, metric=None, 
     run.record(x, fx, gn, L)
     success, message = False, ""
     while True:
-        msg = run.converged(fx, gn)
-        if msg is not None:
-            success, message = True, msg
-            break
-        if run.nit >= run.maxiter:
-            message = f"maximum number of iterations ({run.maxiter}) reached"
+        stop = run.stop(fx, gn)
+        if stop is not None:
+            success, message = stop
             break
         d = met.inv(g)
         gd2 = float(g @ d)

@@ -69,12 +69,9 @@ def _lazy(kind: str, f, x0, *, m, M0, M_min, max_tries, curvature, gtol, ftol, f
         return s, U
 
     while True:
-        msg = run.converged(fx, gn)
-        if msg is not None:
-            success, message = True, msg
-            break
-        if run.nit >= run.maxiter:
-            message = f"maximum number of iterations ({run.maxiter}) reached"
+        stop = run.stop(fx, gn)
+        if stop is not None:
+            success, message = stop
             break
         if snapshot is None or since >= m:
             snapshot, since = refresh(), 0
