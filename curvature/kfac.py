@@ -24,7 +24,9 @@ gives separate blocks ``G ⊗ A`` and ``G``.  Conv2d layers always get separate 
 BackPACK computes them: its conv factor ``G`` sums the output gradients over the ``T``
 output positions before the outer product and ``A`` sums the patches' outer products
 over positions (averaged over examples), so a joint block would scale the bias block by
-``T``; BackPACK's conv K-FAC differs from the KFC paper (Grosse & Martens 2016) by ``T``.
+``T``; BackPACK's conv K-FAC differs from the KFC paper (Grosse & Martens 2016) by ``T``,
+so the input factor of a Conv2d weight block is divided by ``T`` here (KFC's scale: the
+block's trace then matches the GGN block's in magnitude instead of exceeding it ``T``-fold).
 
 Data: factors are accumulated separately over batches, ``G`` with the loss weights of
 :class:`~curvature._empirical_risk.BatchLoop` (``B_b / N`` for a mean, 1 for a sum) and
@@ -36,7 +38,8 @@ taken at the end, not per batch).  ``"kfra"`` is a weighted average of per-batch
 Models: ``nn.Sequential`` (nesting allowed) of BackPACK-supported modules; trainable
 parameters only in ``Linear`` and ``Conv2d`` (groups=1) layers.  The user's model is never
 modified (BackPACK runs on a deep copy), it is evaluated in eval mode by default, and the
-caller's RNG and ``.grad`` are untouched (MC labels are seeded from ``(seed, batch)``).
+caller's ``.grad`` is untouched and MC labels are seeded from ``(seed, batch)`` in a forked RNG
+(iterating a ``DataLoader`` draws its base seed from the global RNG, as any loop over it does).
 """
 
 from __future__ import annotations
@@ -186,6 +189,14 @@ def kfac(
         lambda m, inp, out, layer=layer: mean_inputs.__setitem__(layer, inp[0].detach().mean(0)))
         for layer in joint_layers]
 
+    # Conv2d weight blocks: BackPACK's factors are T times the KFC ones (T = output positions)
+    conv_positions: dict[str, int] = {}
+    conv_layers = {p[0].rsplit(".", 1)[0] for _, p, how in plan if how == "weight"}
+    conv_layers = {c for c in conv_layers if isinstance(work.get_submodule(c), nn.Conv2d)}
+    hooks += [work.get_submodule(layer).register_forward_hook(
+        lambda m, inp, out, layer=layer: conv_positions.__setitem__(layer, out.shape[-2] * out.shape[-1]))
+        for layer in conv_layers]
+
     acc: dict[str, list[Tensor]] = {}
     xbar: dict[str, Tensor] = {}
     try:
@@ -240,6 +251,9 @@ def kfac(
             blocks.append(KroneckerOperator(G, At, with_bias=True, param_shapes=[shapes[n] for n in pnames]))
         elif how == "weight":
             G, A = acc[pnames[0]]
+            layer = pnames[0].rsplit(".", 1)[0]
+            if layer in conv_positions:
+                A = A / conv_positions[layer]
             blocks.append(KroneckerOperator(G, A, param_shapes=[shapes[pnames[0]]]))
         else:
             (G,) = acc[pnames[0]]

@@ -10,7 +10,15 @@ from .lanczos import lanczos, lanczos_batched
 from .results import DiagonalResult, EigenResult, LanczosResult, SpectralDensity, TraceResult
 from .trace import hutchinson_trace, hutchpp_trace, xnystrace, xtrace
 from .report import SpectrumReport, spectrum_report
-from .sharpness import SharpnessResult, preconditioned_sharpness, sharpness, stability_threshold
+from .sharpness import (
+    SharpnessResult,
+    curvature_operator,
+    is_adaptive,
+    optimizer_preconditioner,
+    preconditioned_sharpness,
+    sharpness,
+    stability_threshold,
+)
 from .monitor import SharpnessMonitor, SharpnessRecord
 from .eos import run_edge_of_stability
 
@@ -35,6 +43,9 @@ __all__: list[str] = [
     "SpectrumReport",
     "sharpness",
     "preconditioned_sharpness",
+    "optimizer_preconditioner",
+    "is_adaptive",
+    "curvature_operator",
     "stability_threshold",
     "SharpnessResult",
     "SharpnessMonitor",

@@ -225,6 +225,8 @@ class SharpnessMonitor:
         self.history: list[SharpnessRecord] = []
         self._warm = _WarmStart()
         self._calls = 0
+        if optimizer is not None and self.fixed_threshold is None:
+            self._thresholds()  # fail now, not after the first measurement's products
 
     # ------------------------------------------------------------------ thresholds
     def _thresholds(self) -> tuple[float | None, float | None, float | None]:

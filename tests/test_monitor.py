@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from estimators.monitor import SharpnessMonitor
 from estimators.sharpness import optimizer_preconditioner
@@ -245,3 +246,14 @@ def test_guard_vectors_catch_eigenvalue_crossings():
     assert max(results[1].values()) <= 1e-6 + 1e-12  # residual bound, tol = 1e-6
     assert len(results[1]) == 5
     assert results[0][340] > 0.01  # the documented failure without guard vectors
+
+
+def test_param_groups_with_different_lr_are_refused_at_construction():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    X, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    ps = list(model.parameters())
+    opt = torch.optim.SGD([{"params": ps[:2], "lr": 0.1}, {"params": ps[2:], "lr": 0.01}])
+    with pytest.raises(ValueError, match="disagree on 'lr'"):
+        SharpnessMonitor(model, nn.MSELoss(), (X, y), opt, every=1)
+    # a fixed threshold needs no single lr
+    SharpnessMonitor(model, nn.MSELoss(), (X, y), opt, every=1, threshold=20.0)
