@@ -66,6 +66,44 @@ def _seeded_batch(seed: int, batch_index: int, device: torch.device):
         yield
 
 
+def _backpack_passes(loop: BatchLoop, work: nn.Module, lf, ext, named: dict, names: list[str],
+                     attribute: str, *, seed: int, mode: str, device: torch.device,
+                     check_output, describe_error):
+    """One BackPACK backward per batch of ``loop``, on the extended copy ``work``.
+
+    Yields ``(batch_index, X, weight, values)`` with ``values`` the extension's quantity
+    (``attribute``) per parameter in ``names``, read off and removed from the copy's
+    parameters (their ``.grad`` is cleared too).  ``check_output(z)`` may reject the
+    model output; ``describe_error(exc)`` words a ``NotImplementedError`` BackPACK raises.
+    """
+    import backpack
+
+    for b, X, y, w in loop:
+        with _seeded_batch(seed, b, device), model_state(work, mode), torch.enable_grad():
+            z = work(X)
+            check_output(z)
+            loss = lf(z, y)
+            if loss.numel() != 1:
+                raise ValueError("The loss must be a scalar (reduction 'mean' or 'sum').")
+            with backpack.backpack(ext), warnings.catch_warnings():
+                # BackPACK's module hooks fire on outputs when inputs need no grad: harmless here
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                try:
+                    loss.backward()
+                except NotImplementedError as exc:  # a limitation the up-front checks did not foresee
+                    raise NotImplementedError(describe_error(exc)) from exc
+        values = []
+        for n in names:
+            p = named[n]
+            value = getattr(p, attribute, None)
+            if value is None:
+                raise RuntimeError(f"BackPACK returned no {attribute} for parameter {n!r} (unsupported layer?).")
+            values.append(value)
+            delattr(p, attribute)
+            p.grad = None
+        yield b, X, w, values
+
+
 def _alternative(extension_name: str) -> str:
     op = "HessianOperator" if extension_name == "DiagHessian" else "GGNOperator"
     return (
@@ -135,7 +173,6 @@ def _backpack_diagonal(model, loss_fn, data, params, extension_name: str, attrib
                        mc_samples: int = 1, seed: int = 0, mode: str = "eval",
                        check_data: bool = True) -> DiagonalOperator:
     try:
-        import backpack
         from backpack import extensions
     except ImportError as exc:  # pragma: no cover - a declared dependency
         raise ImportError("curvature.backpack needs backpack-for-pytorch (pip install backpack-for-pytorch).") from exc
@@ -160,31 +197,15 @@ def _backpack_diagonal(model, loss_fn, data, params, extension_name: str, attrib
     work, lf, named = _extended_copies(model, loss_fn, names)
 
     acc = [torch.zeros_like(p) for p in chosen]
-    for b, X, y, w in loop:
-        with _seeded_batch(seed, b, device), model_state(work, mode), torch.enable_grad():
-            z = work(X)
-            _check_output(loss_fn, z, extension_name)
-            loss = lf(z, y)
-            if loss.numel() != 1:
-                raise ValueError("The loss must be a scalar (reduction 'mean' or 'sum').")
-            with backpack.backpack(ext), warnings.catch_warnings():
-                # BackPACK's module hooks fire on outputs when inputs need no grad: harmless here
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                try:
-                    loss.backward()
-                except NotImplementedError as exc:  # a limitation the up-front checks did not foresee
-                    raise NotImplementedError(
-                        f"BackPACK's {extension_name} cannot handle this model/loss: {exc}. "
-                        f"{_alternative(extension_name)}"
-                    ) from exc
-        for i, n in enumerate(names):
-            p = named[n]
-            value = getattr(p, attribute, None)
-            if value is None:
-                raise RuntimeError(f"BackPACK returned no {attribute} for parameter {n!r} (unsupported layer?).")
-            acc[i].add_(value.detach(), alpha=w)
-            delattr(p, attribute)
-            p.grad = None
+    passes = _backpack_passes(
+        loop, work, lf, ext, named, names, attribute, seed=seed, mode=mode, device=device,
+        check_output=lambda z: _check_output(loss_fn, z, extension_name),
+        describe_error=lambda exc: (f"BackPACK's {extension_name} cannot handle this model/loss: {exc}. "
+                                    f"{_alternative(extension_name)}"),
+    )
+    for _, _, w, values in passes:
+        for a, value in zip(acc, values):
+            a.add_(value.detach(), alpha=w)
     diag = torch.cat([a.reshape(-1) for a in acc])
     return DiagonalOperator(diag, param_shapes=[p.shape for p in chosen])
 

@@ -44,14 +44,13 @@ caller's ``.grad`` is untouched and MC labels are seeded from ``(seed, batch)`` 
 
 from __future__ import annotations
 
-import warnings
 
 import torch
 from torch import Tensor, nn
 
-from ._empirical_risk import BatchLoop, check_loss, model_state, resolve_params
+from ._empirical_risk import BatchLoop, check_loss, resolve_params
 from .losses import mean_denominator
-from .backpack import _extended_copies, _seeded_batch
+from .backpack import _backpack_passes, _extended_copies
 from .kronecker import KFACOperator, KroneckerOperator
 
 __all__ = ["kfac"]
@@ -105,6 +104,13 @@ def _plan(model: nn.Module, names: list[str], separate_bias: bool) -> list[tuple
     return plan
 
 
+def _check_bce_output(loss_fn, z: Tensor) -> None:
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss) and (z.dim() != 2 or z.shape[1] != 1):
+        raise NotImplementedError(
+            f"kfac (BackPACK) supports BCEWithLogitsLoss with one logit per example (output [N, 1]); "
+            f"got output shape {tuple(z.shape)}.")
+
+
 def kfac(
     model: nn.Module,
     loss_fn,
@@ -151,7 +157,6 @@ def kfac(
         NotImplementedError: an unsupported loss, or BackPACK refusing the model.
     """
     try:
-        import backpack
         from backpack import extensions
     except ImportError as exc:  # pragma: no cover - a declared dependency
         raise ImportError("curvature.kfac needs backpack-for-pytorch (pip install backpack-for-pytorch).") from exc
@@ -200,36 +205,20 @@ def kfac(
     acc: dict[str, list[Tensor]] = {}
     xbar: dict[str, Tensor] = {}
     try:
-        for b, X, y, w in loop:
+        passes = _backpack_passes(
+            loop, work, lf, ext, named, names, attribute, seed=seed, mode=mode, device=device,
+            check_output=lambda z: _check_bce_output(loss_fn, z),
+            describe_error=lambda exc: f"BackPACK cannot compute {ext_name} for this model: {exc}",
+        )
+        for _, X, w, values in passes:
             w_in = X.shape[0] / loop.num_data  # input statistics are averages over examples
-            with _seeded_batch(seed, b, device), model_state(work, mode), torch.enable_grad():
-                z = work(X)
-                if isinstance(loss_fn, nn.BCEWithLogitsLoss) and (z.dim() != 2 or z.shape[1] != 1):
-                    raise NotImplementedError(
-                        f"kfac (BackPACK) supports BCEWithLogitsLoss with one logit per example (output [N, 1]); "
-                        f"got output shape {tuple(z.shape)}.")
-                loss = lf(z, y)
-                if loss.numel() != 1:
-                    raise ValueError("The loss must be a scalar (reduction 'mean' or 'sum').")
-                try:
-                    with backpack.backpack(ext), warnings.catch_warnings():
-                        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                        loss.backward()
-                except NotImplementedError as exc:
-                    raise NotImplementedError(f"BackPACK cannot compute {ext_name} for this model: {exc}") from exc
-            for n in names:
-                p = named[n]
-                facs = getattr(p, attribute, None)
-                if facs is None:
-                    raise RuntimeError(f"BackPACK returned no {attribute} for parameter {n!r} (unsupported layer?).")
-                facs = [f.detach() for f in facs]
+            for n, value in zip(names, values):
+                facs = [f.detach() for f in value]
                 weights = [w] + [w_in] * (len(facs) - 1)  # G: loss weight; A: example average
                 if n not in acc:
                     acc[n] = [torch.zeros_like(f) for f in facs]
                 for a, f, wt in zip(acc[n], facs, weights):
                     a.add_(f, alpha=wt)
-                delattr(p, attribute)
-                p.grad = None
             for layer in joint_layers:
                 xb = mean_inputs.pop(layer).reshape(-1)
                 xbar[layer] = xbar[layer].add(xb, alpha=w_in) if layer in xbar else w_in * xb
