@@ -32,6 +32,13 @@ DENSE_AUTO_MAX = 500
 CurvatureSpec = Callable[[Tensor], "LinearOperator | Tensor"] | str | None
 
 
+def check_max_tries(max_tries) -> int:
+    """``max_tries`` if it is an integer >= 1, else ``ValueError``."""
+    if isinstance(max_tries, bool) or not isinstance(max_tries, int) or max_tries < 1:
+        raise ValueError(f"max_tries must be an integer >= 1, got {max_tries!r}.")
+    return max_tries
+
+
 def check_positive(name: str, value) -> float:
     """``float(value)`` if it is a finite number > 0, else ``ValueError`` naming it."""
     try:
@@ -171,6 +178,14 @@ class Objective:
         self.nfev += 1
         with torch.no_grad():
             return float(self._call(x))
+
+    def start(self) -> tuple[Tensor, float, Tensor, float]:
+        """``(x0, f(x0), grad f(x0), ||grad f(x0)||)``; raises if ``f(x0)`` is not finite."""
+        x = self.x0
+        fx, g = self.value_and_grad(x)
+        if not math.isfinite(fx):
+            raise ValueError(f"f(x0) is not finite ({fx}).")
+        return x, fx, g, float(torch.linalg.vector_norm(g))
 
     def value_and_grad(self, x: Tensor) -> tuple[float, Tensor]:
         """``(f(x), grad f(x))`` with the gradient flat ``[n]`` and detached."""

@@ -27,7 +27,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._oracle import Objective, Run, check_nonneg, check_positive, rounding_level
+from ._oracle import (
+    Objective,
+    Run,
+    check_max_tries,
+    check_nonneg,
+    check_positive,
+    rounding_level,
+)
 from ._result import OptimizeResult
 from .cubic import CubicStep, EigCubicSubproblem, LanczosCubicSubproblem
 
@@ -67,11 +74,6 @@ class CubicSubproblemBuilder:
         lan = LanczosCubicSubproblem(op, g, maxiter=self.krylov_maxiter, seed=self.seed)
         rtol = min(self.krylov_rtol, math.sqrt(float(torch.linalg.vector_norm(g))))
         return (lambda M: lan.solve(M, rtol=rtol)), None
-
-
-def _check_max_tries(max_tries) -> None:
-    if isinstance(max_tries, bool) or not isinstance(max_tries, int) or max_tries < 1:
-        raise ValueError(f"max_tries must be an integer >= 1, got {max_tries!r}.")
 
 
 def _first_order_stop(run: Run, f: float, gn: float, min_eig: float | None, second_order_tol: float | None) -> str | None:
@@ -132,15 +134,11 @@ def cubic_newton(
     run = Run(obj, "cubic_newton", gtol=gtol, ftol=ftol, f_star=f_star, maxiter=maxiter, callback=callback)
     M = check_positive("M0", M0)
     M_min = check_positive("M_min", M_min)
-    _check_max_tries(max_tries)
+    check_max_tries(max_tries)
     if second_order_tol is not None:
         second_order_tol = check_nonneg("second_order_tol", second_order_tol)
     builder = CubicSubproblemBuilder(subproblem, krylov_rtol, krylov_maxiter, seed)
-    x = obj.x0
-    fx, g = obj.value_and_grad(x)
-    if not math.isfinite(fx):
-        raise ValueError(f"f(x0) is not finite ({fx}).")
-    gn = float(torch.linalg.vector_norm(g))
+    x, fx, g, gn = obj.start()
     run.record(x, fx, gn, M)
     success, message = False, ""
     while True:
@@ -225,11 +223,7 @@ def arc(
         second_order_tol = check_nonneg("second_order_tol", second_order_tol)
     builder = CubicSubproblemBuilder(subproblem, krylov_rtol, krylov_maxiter, seed)
     eps = torch.finfo(obj.dtype).eps
-    x = obj.x0
-    fx, g = obj.value_and_grad(x)
-    if not math.isfinite(fx):
-        raise ValueError(f"f(x0) is not finite ({fx}).")
-    gn = float(torch.linalg.vector_norm(g))
+    x, fx, g, gn = obj.start()
     run.record(x, fx, gn, sigma)
     success, message = False, ""
     solve, min_eig = None, None

@@ -36,7 +36,14 @@ from torch import Tensor
 from curvature import DenseOperator, DiagonalOperator, IdentityOperator, LinearOperator
 from curvature.linear_operator import ConvergenceWarning
 
-from ._oracle import DENSE_AUTO_MAX, Objective, Run, check_positive, rounding_level
+from ._oracle import (
+    DENSE_AUTO_MAX,
+    Objective,
+    Run,
+    check_max_tries,
+    check_positive,
+    rounding_level,
+)
 from ._result import OptimizeResult
 
 __all__ = [
@@ -241,8 +248,7 @@ def _gns_loop(rule: str, f, x0, *, curvature, metric, reg0, reg_min, max_tries, 
     run = Run(obj, names[rule], gtol=gtol, ftol=ftol, f_star=f_star, maxiter=maxiter, callback=callback)
     reg = check_positive("gamma0" if rule != "super_universal" else "H0", reg0)
     reg_min = check_positive("gamma_min" if rule != "super_universal" else "H_min", reg_min)
-    if isinstance(max_tries, bool) or not isinstance(max_tries, int) or max_tries < 1:
-        raise ValueError(f"max_tries must be an integer >= 1, got {max_tries!r}.")
+    check_max_tries(max_tries)
     if linear_solver not in ("auto", "cholesky", "cg"):
         raise ValueError(f"Unknown linear_solver {linear_solver!r}; use 'auto', 'cholesky' or 'cg'.")
     if cg_rtol is not None:
@@ -250,11 +256,7 @@ def _gns_loop(rule: str, f, x0, *, curvature, metric, reg0, reg_min, max_tries, 
     met = metric if isinstance(metric, Metric) else Metric(metric, obj.n, obj.dtype, obj.device)
     if met.kind == "dense":
         obj.nfact += 1
-    x = obj.x0
-    fx, g = obj.value_and_grad(x)
-    if not math.isfinite(fx):
-        raise ValueError(f"f(x0) is not finite ({fx}).")
-    gn = float(torch.linalg.vector_norm(g))
+    x, fx, g, gn = obj.start()
     gd = met.dual_norm(g)
     run.record(x, fx, gn, reg)
     success, message = False, ""
@@ -410,16 +412,11 @@ def gradient_descent(f: Callable[[Tensor], Tensor], x0: Tensor, *, metric=None, 
     obj = Objective(f, x0, None, dtype)
     run = Run(obj, "gradient_descent", gtol=gtol, ftol=ftol, f_star=f_star, maxiter=maxiter, callback=callback)
     L = check_positive("L0", L0)
-    if isinstance(max_tries, bool) or not isinstance(max_tries, int) or max_tries < 1:
-        raise ValueError(f"max_tries must be an integer >= 1, got {max_tries!r}.")
+    check_max_tries(max_tries)
     met = metric if isinstance(metric, Metric) else Metric(metric, obj.n, obj.dtype, obj.device)
     if met.kind == "dense":
         obj.nfact += 1
-    x = obj.x0
-    fx, g = obj.value_and_grad(x)
-    if not math.isfinite(fx):
-        raise ValueError(f"f(x0) is not finite ({fx}).")
-    gn = float(torch.linalg.vector_norm(g))
+    x, fx, g, gn = obj.start()
     run.record(x, fx, gn, L)
     success, message = False, ""
     while True:

@@ -32,7 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._oracle import Objective, Run, check_positive, rounding_level
+from ._oracle import Objective, Run, check_max_tries, check_positive, rounding_level
 from ._result import OptimizeResult
 from .cubic import EigCubicSubproblem
 
@@ -48,15 +48,10 @@ def _lazy(kind: str, f, x0, *, m, M0, M_min, max_tries, curvature, gtol, ftol, f
         m = obj.n
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"m (curvature refresh period) must be an integer >= 1, got {m!r}.")
-    if isinstance(max_tries, bool) or not isinstance(max_tries, int) or max_tries < 1:
-        raise ValueError(f"max_tries must be an integer >= 1, got {max_tries!r}.")
+    check_max_tries(max_tries)
     M = check_positive("M0", M0)
     M_min = check_positive("M_min", M_min)
-    x = obj.x0
-    fx, g = obj.value_and_grad(x)
-    if not math.isfinite(fx):
-        raise ValueError(f"f(x0) is not finite ({fx}).")
-    gn = float(torch.linalg.vector_norm(g))
+    x, fx, g, gn = obj.start()
     run.record(x, fx, gn, M)
     snapshot = None  # (s, U)
     since = 0
