@@ -172,6 +172,12 @@ def _spectrum_parser(prog: str = "curvature spectrum") -> argparse.ArgumentParse
                    help="curvature matrix")
     p.add_argument("--params", metavar="REGEX", default=None,
                    help="only parameters whose name matches this regular expression (re.search)")
+    p.add_argument("--problem", default="mlp", choices=["mlp", "lm"],
+                   help="built-in problem when --model is not given: mlp (a small classifier) or lm (a tiny "
+                        "causal transformer on synthetic text; implies --blockwise)")
+    p.add_argument("--blockwise", action="store_true",
+                   help="per-layer spectral densities (one SLQ density per block, Zhang et al. 2024) "
+                        "instead of the whole-matrix report; writes OUT/blocks.png and OUT/blocks.json")
     p.add_argument("--per-layer", action="store_true",
                    help="also the top eigenvalue and trace of each layer's diagonal block")
     p.add_argument("--top-k", type=int, default=None, help="number of largest eigenvalues [10; --fast: 4]")
@@ -191,8 +197,8 @@ def _spectrum_parser(prog: str = "curvature spectrum") -> argparse.ArgumentParse
     p.add_argument("--dtype", default=None, choices=sorted(_DTYPES),
                    help="convert model and floating data to this dtype (default: leave as is)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads (default: 1 for the built-in problem, torch's default "
-                        "for --model)")
+                   help="torch.set_num_threads on the CPU (default: 1, which measured fastest for small "
+                        "and medium models and on shared machines; raise it for large models on an idle CPU)")
     p.add_argument("--fast", action="store_true",
                    help="small settings for a smoke test (seconds): top-k 4, 16 trace probes, "
                         "4 x 30 density steps, shorter training of the built-in problem")
@@ -209,6 +215,8 @@ def spectrum_main(argv: Sequence[str] | None = None) -> int:
     from estimators.default_problem import default_problem
     from estimators.report import spectrum_report
 
+    args.slq_probes_given = args.slq_probes is not None
+    args.lanczos_steps_given = args.lanczos_steps is not None
     for name, (full, fast) in _SIZES.items():  # explicit values win over --fast
         if getattr(args, name) is None:
             setattr(args, name, fast if args.fast else full)
@@ -225,12 +233,21 @@ def spectrum_main(argv: Sequence[str] | None = None) -> int:
         if args.threads < 1:
             parser.error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    elif args.model is None and (device is None or device.type == "cpu"):
-        # The built-in problem is tiny (676 parameters): intra-op threads cost more than they
-        # save, and stall badly when the CPU is shared.  User models keep torch's default.
+    elif device is None or device.type == "cpu":
+        # Measured: the curvature products of small and medium models gain little from
+        # intra-op threads, and torch's default thread count stalls badly on a shared CPU
+        # (a user model's --per-layer report: 20-138 s with the default vs 5 s with one
+        # thread on a busy 2-core machine).  --threads N raises it (large models, idle CPUs).
         torch.set_num_threads(1)
 
-    if args.model is None:
+    if args.model is None and args.problem == "lm":
+        from estimators.lm_problem import lm_problem
+
+        prob = lm_problem(train_steps=100 if args.fast else 300, dtype=dtype or torch.float32,
+                          device=device or "cpu")
+        model, loss_fn, data, description = prob.model, prob.loss_fn, prob.data, prob.description
+        args.blockwise = True
+    elif args.model is None:
         prob = default_problem(steps=100 if args.fast else 200, dtype=dtype or torch.float32,
                                device=device or "cpu")
         model, loss_fn, data, description = prob.model, prob.loss_fn, prob.data, prob.description
@@ -243,6 +260,21 @@ def spectrum_main(argv: Sequence[str] | None = None) -> int:
             model = model.to(device=device, dtype=dtype)
             data = _move_data(data, device, dtype)
         description = f"{args.model} -> {type(model).__name__}"
+    if args.blockwise:
+        from estimators.block_report import blockwise_spectrum_report
+
+        try:
+            report = blockwise_spectrum_report(
+                model, loss_fn, data, operator=args.operator, params=args.params,
+                num_probes=args.slq_probes if args.slq_probes_given else (2 if args.fast else 4),
+                num_steps=args.lanczos_steps if args.lanczos_steps_given else (15 if args.fast else 40),
+                seed=args.seed, out_dir=args.out, description=description,
+                progress=False if args.no_progress else None,
+            )
+        except (ValueError, TypeError, NotImplementedError) as exc:
+            parser.error(str(exc))
+        print(report.summary())
+        return 0
     try:
         report = spectrum_report(
             model, loss_fn, data, operator=args.operator, params=args.params, top_k=args.top_k,
