@@ -273,8 +273,7 @@ class _CrossEntropyFamily:
     @staticmethod
     def fisher_refusal(loss_fn, y: Tensor | None) -> str | None:
         if getattr(loss_fn, "weight", None) is not None:
-            return ("class weights (weight=) make the Fisher ambiguous (are sampled labels weighted?); "
-                    "use GGNOperator (exact for weighted CE) or FisherOperator(kind='empirical')")
+            return "class weights (weight=) make the Fisher ambiguous (are sampled labels weighted?)"
         if y is not None and y.is_floating_point() and bool((y < 0).any()):
             return "probability targets with negative entries have no Fisher"
         return None
@@ -563,6 +562,7 @@ class AutogradOutputHessian:
     """
 
     def __init__(self, loss_fn, z: Tensor, y: Tensor) -> None:
+        self.name = type(loss_fn).__name__
         self.z = z.detach().requires_grad_(True)
         with torch.enable_grad():
             loss = loss_fn(self.z, y)
@@ -577,10 +577,19 @@ class AutogradOutputHessian:
     def matmat(self, V: Tensor) -> Tensor:
         if self.linear:
             return torch.zeros_like(V)
-        cols = [
-            torch.autograd.grad(self.g, self.z, grad_outputs=V[j], retain_graph=True, allow_unused=True)[0]
-            for j in range(V.shape[0])
-        ]
+        try:
+            cols = [
+                torch.autograd.grad(self.g, self.z, grad_outputs=V[j], retain_graph=True, allow_unused=True)[0]
+                for j in range(V.shape[0])
+            ]
+        except RuntimeError as err:
+            if "derivative for" not in str(err) or "not implemented" not in str(err):
+                raise
+            raise NotImplementedError(
+                f"{self.name} has no second derivative in PyTorch ({str(err).split(chr(10))[0]}), and the GGN / "
+                "Hessian need one. Use FisherOperator(kind='empirical'), or write the loss with ordinary "
+                "differentiable torch operations."
+            ) from err
         return torch.stack([torch.zeros_like(V[0]) if c is None else c for c in cols])
 
 
