@@ -273,7 +273,8 @@ class _CrossEntropyFamily:
     @staticmethod
     def fisher_refusal(loss_fn, y: Tensor | None) -> str | None:
         if getattr(loss_fn, "weight", None) is not None:
-            return "class weights (weight=) make the Fisher ambiguous (are sampled labels weighted?)"
+            return ("class weights (weight=) make the Fisher of the predictive distribution ambiguous (are "
+                    "sampled labels weighted?)")
         if y is not None and y.is_floating_point() and bool((y < 0).any()):
             return "probability targets with negative entries have no Fisher"
         return None
