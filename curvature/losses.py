@@ -252,12 +252,12 @@ def _cross_entropy_rows(loss_fn, z: Tensor, y: Tensor | None) -> tuple[int, Tens
             wshape[d] = C
             q = q * w.reshape(wshape)
         r = q.sum(dim=d, keepdim=True)
+    elif w is None:  # (1 - eps) * 1 + eps * 1 = 1 for every counted target
+        r = (y != _ignore_index(loss_fn)).to(z.dtype).unsqueeze(d)
     else:
         mask = y != _ignore_index(loss_fn)
-        safe = torch.where(mask, y, torch.zeros_like(y))
-        w_y = torch.ones(y.shape, dtype=z.dtype, device=z.device) if w is None else w[safe]
-        w_mean = 1.0 if w is None else w.mean()
-        r = (mask.to(z.dtype) * ((1 - eps) * w_y + eps * w_mean)).unsqueeze(d)
+        w_y = w[torch.where(mask, y, torch.zeros_like(y))]
+        r = (mask.to(z.dtype) * ((1 - eps) * w_y + eps * w.mean())).unsqueeze(d)
     return d, torch.softmax(z, dim=d), r
 
 
@@ -541,7 +541,12 @@ class ClosedFormOutputHessian:
         self.kind = fam
         if fam is _CrossEntropyFamily:
             self.dim, self.p, r = _cross_entropy_rows(loss_fn, z, y)
-            self.pr = self.p * r  # r p: the row weight folded into p once
+            lo, hi = torch.aminmax(r) if r.numel() else (r.new_ones(()), r.new_ones(()))
+            if float(lo) == float(hi):  # one weight for every position (the common case): fold it into c
+                self.scale *= float(lo)
+                self.pr = self.p
+            else:
+                self.pr = self.p * r  # r p: the row weights folded into p once
         elif fam is _BCEWithLogitsFamily:
             s = torch.sigmoid(z)
             self.d = s * (1 - s)
@@ -553,6 +558,8 @@ class ClosedFormOutputHessian:
         if self.kind is _BCEWithLogitsFamily:
             return self.scale * self.d * V
         pV = self.p * V
+        if self.pr is self.p:
+            return self.scale * (pV - self.p * pV.sum(dim=self.dim + 1, keepdim=True))
         return self.scale * (self.pr * V - self.pr * pV.sum(dim=self.dim + 1, keepdim=True))
 
 
