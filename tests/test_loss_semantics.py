@@ -504,3 +504,14 @@ def test_ef_granularity_validation():
         FisherOperator(model, loss_fn, (X, y), kind="empirical", ef_granularity="example")
     with pytest.raises(ValueError, match="kind='empirical' only"):
         FisherOperator(model, loss_fn, (X, y), kind="mc", ef_granularity="token")
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import curvature.fisher
+    import curvature.losses
+
+    for module in (curvature.losses, curvature.fisher):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0
