@@ -20,6 +20,7 @@ from .structured import (
     DiagonalOperator,
 )
 from . import losses
+from .losses import MeanDenominatorError, TokenCrossEntropyLoss
 from .backpack import ggn_diagonal, hessian_diagonal
 from .kfac import kfac
 from .kronecker import KFACOperator, KroneckerOperator
@@ -50,6 +51,8 @@ __all__ = [
     "block_diagonal",
     "parameter_groups",
     "losses",
+    "TokenCrossEntropyLoss",
+    "MeanDenominatorError",
     "ggn_diagonal",
     "hessian_diagonal",
     "kfac",

@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from .linear_operator import LinearOperator
-from .losses import loss_reduction, mean_denominator
+from .losses import MeanDenominatorError, loss_reduction, mean_denominator
 from .params import unflatten
 
 __all__ = ["EmpiricalRiskOperator", "BatchLoop", "resolve_params", "model_state", "check_loss"]
@@ -224,13 +224,18 @@ class BatchLoop:
             raise TypeError(f"data must be a batch (X, y) or an iterable of batches, got {type(data).__name__}.")
         if not self.single and isinstance(data, Iterator):
             raise TypeError("data is a one-shot iterator; pass a re-iterable (a list or a DataLoader).")
-        sizes, sums, denominators = [], [], []
+        sizes, sums, denominators, refusal = [], [], [], None
         for X, y in self._raw():  # one pass: fingerprints and the mean's denominators
             sizes.append(int(X.shape[0]))
             sums.append(_fingerprint(X, y))
-            denominators.append(self.denominator(X, y) if reduction == "mean" else 1.0)
+            try:
+                denominators.append(self.denominator(X, y) if reduction == "mean" else 1.0)
+            except MeanDenominatorError as err:  # fatal only when batches must be combined
+                refusal = err
         if not sizes or sum(sizes) == 0:
             raise ValueError("data is empty: got no batches (or only empty ones).")
+        if refusal is not None and len(sizes) > 1:
+            raise refusal
         if len(sizes) > 1 and reduction is None:
             raise ValueError(
                 "Cannot tell how batch losses combine: loss_fn has no 'reduction' attribute; "
@@ -314,6 +319,10 @@ class EmpiricalRiskOperator(LinearOperator):
             catches writes through ``.data``) or ``"version"`` (identity and
             ``_version`` only, no sync).
         check_data: verify each pass sees the same data (default ``True``).
+        denominator: ``(X, y) -> float``, what the loss's mean divides batch ``(X, y)``'s
+            sum by, for losses the package does not know (a subclass overriding
+            ``forward``, a custom loss module); default:
+            :func:`curvature.losses.mean_denominator`.
     """
 
     _order_sensitive = False  # per-batch fingerprints (MC Fisher) instead of a global one
@@ -330,6 +339,7 @@ class EmpiricalRiskOperator(LinearOperator):
         cache: bool = True,
         cache_check: str = "checksum",
         check_data: bool = True,
+        denominator=None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -338,6 +348,8 @@ class EmpiricalRiskOperator(LinearOperator):
         if cache_check not in ("checksum", "version"):
             raise ValueError(f"cache_check must be 'checksum' or 'version', got {cache_check!r}.")
         red = check_loss(loss_fn)
+        if denominator is not None and not callable(denominator):
+            raise TypeError(f"denominator must be a callable (X, y) -> float, got {type(denominator).__name__}.")
         if reduction is not None and reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
         if mode == "train" and _dropout_modules(model):
@@ -348,6 +360,7 @@ class EmpiricalRiskOperator(LinearOperator):
         self.model = model
         self.loss_fn = loss_fn
         self.mode = mode
+        self.denominator = denominator
         self.reduction = red if red is not None else reduction
         self.param_names, self.params = resolve_params(model, params)
         p0 = self.params[0]
@@ -365,7 +378,7 @@ class EmpiricalRiskOperator(LinearOperator):
         self._state_sum = None
         self._loop = BatchLoop(data, self.device, self.reduction, order_sensitive=self._order_sensitive,
                                check=self.check_data,
-                               denominator=lambda X, y: mean_denominator(loss_fn, y, X.shape[0]))
+                               denominator=denominator or (lambda X, y: mean_denominator(loss_fn, y, X.shape[0])))
         self._single = self._loop.single
         # The per-batch state is cached for one batch: a pair (X, y), or an iterable yielding exactly
         # one batch when the data check is on (a changed batch then fails the pass before the product
