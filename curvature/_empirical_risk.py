@@ -685,7 +685,9 @@ class EmpiricalRiskOperator(LinearOperator):
         *through* ``.data`` (``p.data.copy_(w)``, ``p.data.mul_(c)``), which do not bump
         ``p._version`` (checked in torch 2.13): :meth:`_checksum` covers those.
         """
-        return tuple((id(t), t._version, t.data_ptr()) for t in [*self._tracked(), *self._batch_tensors()])
+        # inference tensors have no version counter (and cannot be written outside inference mode)
+        return tuple((id(t), 0 if t.is_inference() else t._version, t.data_ptr())
+                     for t in [*self._tracked(), *self._batch_tensors()])
 
     def _checksum(self) -> Tensor:
         """Fixed random projections (float64) of the tracked floating tensors and of a single batch.
