@@ -239,16 +239,20 @@ _WEIGHTS: dict[tuple, Tensor] = {}
 
 
 def _weights(length: int, device: torch.device, dtype: torch.dtype, stream: int) -> Tensor:
-    """Fixed weights in [-1, -0.25] u [0.25, 1] (a prefix of a cached vector), the same on every call."""
-    size = 1 << max(int(length) - 1, 0).bit_length()
-    key = (str(device), dtype, stream, size)
+    """Fixed weights in [-1, -0.25] u [0.25, 1] of ``length``, the same on every call (cached).
+
+    The weights of a length are a prefix of those of a power of two, generated on the CPU
+    from a fixed seed (the global RNG is not touched) and moved to ``device`` once.
+    """
+    key = (device, dtype, stream, length)
     w = _WEIGHTS.get(key)
     if w is None:
+        size = 1 << max(int(length) - 1, 0).bit_length()
         g = torch.Generator().manual_seed(7919 * stream + size)
-        u = torch.rand(size, generator=g, dtype=torch.float64)
+        u = torch.rand(size, generator=g, dtype=torch.float64)[:length]
         w = torch.where(u < 0.5, -1 + 1.5 * u, 0.25 + 1.5 * (u - 0.5)).to(device=device, dtype=dtype)
         _WEIGHTS[key] = w
-    return w[:length]
+    return w
 
 
 def _weight_dtype(t: Tensor) -> torch.dtype:
@@ -265,7 +269,10 @@ def _projection(t: Tensor) -> Tensor:
     elementwise product and one reduction over ``t``.
     """
     flat = t.detach().reshape(-1)
-    return (flat * _weights(flat.numel(), t.device, _weight_dtype(t), 0)).sum(dtype=torch.float64)
+    w = _weights(flat.numel(), t.device, _weight_dtype(t), 0)
+    if t.dtype == torch.float64:
+        return torch.dot(flat, w)
+    return (flat * w).sum(dtype=torch.float64)
 
 
 def _sketch(t: Tensor, stream: int) -> Tensor:
@@ -697,9 +704,10 @@ class EmpiricalRiskOperator(LinearOperator):
         permutation); cost: one elementwise product and one reduction per tensor.
         """
         with torch.no_grad():
-            parts = [_projection(t).to(self.device) for t in self._tracked() if t.is_floating_point()]
-            parts += [_sketch(t, leaf).to(self.device) for leaf, t in enumerate(self._batch_tensors())]
-            return torch.cat([p.reshape(-1) for p in parts]) if parts else torch.zeros(0, dtype=torch.float64, device=self.device)
+            parts = [_projection(t) for t in self._tracked() if t.is_floating_point()]
+            parts += [_projection(t) for t in self._batch_tensors()]
+            parts = [p if p.device == self.device else p.to(self.device) for p in parts]
+            return torch.stack(parts) if parts else torch.zeros(0, dtype=torch.float64, device=self.device)
 
     def _cache_valid(self, key: tuple) -> bool:
         if self._state is None or key != self._state_key:

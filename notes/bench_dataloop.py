@@ -41,16 +41,16 @@ def main():
     Hv = HessianOperator(model, loss_fn, (X, y), cache_check="version")
     H @ v
     Hv @ v
-    loader = DataLoader(TensorDataset(X, y), batch_size=16)
+    loader = DataLoader(TensorDataset(X.float().double(), y), batch_size=16)
     Hl = HessianOperator(model, loss_fn, loader)
     Hl_nocheck = HessianOperator(model, loss_fn, loader, check_data=False)
     res = {"plain": [], "op": [], "op_version": [], "loader": [], "loader_nocheck": []}
-    for _ in range(15):
-        res["plain"].append(timed(plain, 200))
-        res["op"].append(timed(lambda: H @ v, 200))
-        res["op_version"].append(timed(lambda: Hv @ v, 200))
-        res["loader"].append(timed(lambda: Hl @ v, 10))
-        res["loader_nocheck"].append(timed(lambda: Hl_nocheck @ v, 10))
+    for _ in range(21):
+        res["plain"].append(timed(plain, 100))
+        res["op"].append(timed(lambda: H @ v, 100))
+        res["op_version"].append(timed(lambda: Hv @ v, 100))
+        res["loader"].append(timed(lambda: Hl @ v, 5))
+        res["loader_nocheck"].append(timed(lambda: Hl_nocheck @ v, 5))
     med = {k: statistics.median(t) for k, t in res.items()}
     print(f"n = {n} parameters, single batch of 64 (cached HVP)")
     print(f"plain torch HVP       {med['plain'] * 1e3:.3f} ms")
