@@ -12,6 +12,7 @@ from .linear_operator import (
     InverseOperator,
     LinearOperator,
 )
+from .batches import BatchAdapter
 from .params import flatten, unflatten
 from .structured import (
     BlockDiagonalOperator,
@@ -43,6 +44,7 @@ __all__ = [
     "ConvergenceWarning",
     "CGResult",
     "conjugate_gradient",
+    "BatchAdapter",
     "flatten",
     "unflatten",
     "HessianOperator",

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._empirical_risk import BatchLoop, check_loss, model_state, resolve_params
+from ._empirical_risk import BatchLoop, check_loss, forward, model_state, resolve_params
 from .losses import mean_denominator
 from .structured import DiagonalOperator
 
@@ -80,7 +80,7 @@ def _backpack_passes(loop: BatchLoop, work: nn.Module, lf, ext, named: dict, nam
 
     for b, X, y, w in loop:
         with _seeded_batch(seed, b, device), model_state(work, mode), torch.enable_grad():
-            z = work(X)
+            z = forward(work, X, loop.adapter, device)
             check_output(z)
             loss = lf(z, y)
             if loss.numel() != 1:
@@ -192,7 +192,8 @@ def _backpack_diagonal(model, loss_fn, data, params, extension_name: str, attrib
     names, chosen = resolve_params(model, params)
     device = chosen[0].device
     loop = BatchLoop(data, device, reduction, order_sensitive=extension_name == "DiagGGNMC", check=check_data,
-                     denominator=lambda X, y: mean_denominator(loss_fn, y, X.shape[0]))
+                     batch_sensitive=mode == "train",
+                     denominator=lambda X, y: mean_denominator(loss_fn, y, X.batch_size))
 
     work, lf, named = _extended_copies(model, loss_fn, names)
 

@@ -94,7 +94,7 @@ class GGNOperator(EmpiricalRiskOperator):
         fixed = {n: p.detach() for n, p in self.model.named_parameters()}
 
         def f(*ps):
-            return torch.func.functional_call(self.model, {**fixed, **dict(zip(names, ps))}, (X,))
+            return self._predict(X, {**fixed, **dict(zip(names, ps))})
 
         k = pieces[0].shape[-1]
         with model_state(self.model, self.mode):

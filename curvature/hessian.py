@@ -100,7 +100,7 @@ class HessianOperator(EmpiricalRiskOperator):
         def loss_of(ps):
             tensors = dict(base)
             tensors.update(zip(names, ps))
-            return self._loss(torch.func.functional_call(self.model, tensors, (X,)), y)
+            return self._loss(self._predict(X, tensors), y)
 
         grad_fn = torch.func.grad(loss_of)
         pieces = unflatten(V, [p.shape for p in primals])  # [*p.shape, k]

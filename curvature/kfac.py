@@ -185,7 +185,8 @@ def kfac(
     plan = _plan(model, names, separate_bias)
     device = chosen[0].device
     loop = BatchLoop(data, device, reduction, order_sensitive=kind == "kfac", check=check_data,
-                     denominator=lambda X, y: mean_denominator(loss_fn, y, X.shape[0]))
+                     batch_sensitive=mode == "train",
+                     denominator=lambda X, y: mean_denominator(loss_fn, y, X.batch_size))
 
     work, lf, named = _extended_copies(model, loss_fn, names)
     joint_layers = {blk for blk, _, how in plan if how == "joint"}
@@ -211,7 +212,7 @@ def kfac(
             describe_error=lambda exc: f"BackPACK cannot compute {ext_name} for this model: {exc}",
         )
         for _, X, w, values in passes:
-            w_in = X.shape[0] / loop.num_data  # input statistics are averages over examples
+            w_in = X.batch_size / loop.num_data  # input statistics are averages over examples
             for n, value in zip(names, values):
                 facs = [f.detach() for f in value]
                 weights = [w] + [w_in] * (len(facs) - 1)  # G: loss weight; A: example average

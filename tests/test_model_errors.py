@@ -49,7 +49,7 @@ def test_one_shot_iterator_and_bad_batches(setup):
     with pytest.raises(TypeError, match="one-shot iterator"):
         HessianOperator(model, loss_fn, iter([(X, y)]))
     with pytest.raises(TypeError, match=r"pair \(X, y\)"):
-        HessianOperator(model, loss_fn, [(X, y, y)])
+        HessianOperator(model, loss_fn, [(X,)])  # (X1, ..., y) with 3+ entries is a valid batch now
 
 
 def test_vector_of_wrong_shape_dtype_device(setup):
