@@ -50,6 +50,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from .kernels import derivative_kernels
 from .linear_operator import LinearOperator
 from .losses import loss_reduction, mean_denominator
 from .params import unflatten
@@ -317,6 +318,7 @@ class EmpiricalRiskOperator(LinearOperator):
     """
 
     _order_sensitive = False  # per-batch fingerprints (MC Fisher) instead of a global one
+    _kernel_needs = "all"  # derivatives of the per-batch forward (curvature.kernels.derivative_kernels)
 
     def __init__(
         self,
@@ -448,11 +450,13 @@ class EmpiricalRiskOperator(LinearOperator):
             if not self._cache_valid(key):
                 self.clear_cache()
                 sums = self._checksum() if self.cache_check == "checksum" else None
-                with torch.enable_grad(), model_state(self.model, self.mode):
+                with torch.enable_grad(), model_state(self.model, self.mode), \
+                        derivative_kernels(self.model, self._kernel_needs):
                     self._state = self._build_state(X, y, batch_index)
                 self._state_key, self._state_sum = key, sums
             return self._state
-        with torch.enable_grad(), model_state(self.model, self.mode):
+        with torch.enable_grad(), model_state(self.model, self.mode), \
+                derivative_kernels(self.model, self._kernel_needs):
             return self._build_state(X, y, batch_index)
 
     def _block_products(self, blocks: Sequence[tuple[list[int] | None, Tensor]]) -> list[Tensor]:
