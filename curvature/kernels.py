@@ -16,7 +16,9 @@ curvature product needs (measured in torch 2.13, float64, against finite differe
   ``v * (g / norm_except_dim(v, 2, dim))`` is exact in both.
 * ``hardsigmoid``: no derivative of ``hardsigmoid_backward`` (neither double backward
   nor forward-over-reverse); ``relu6(x + 3) / 6`` is the same function (bit for bit,
-  with the same derivative on and off the kinks) and twice differentiable.
+  with the same zero pattern of the derivative at the kinks; its slope is exactly 1/6,
+  where ``hardsigmoid_backward`` uses float32's 1/6 even in float64) and twice
+  differentiable.
 
 :func:`derivative_kernels` selects, for its body only, the math attention back end,
 the non-fused attention paths and (only for models containing weight-norm or
@@ -80,7 +82,7 @@ def _unfused_weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
 
 
 def _hardsigmoid_relu6(input: Tensor, inplace: bool = False) -> Tensor:
-    """``F.hardsigmoid`` as ``relu6(x + 3) / 6`` (same values and derivatives, twice differentiable)."""
+    """``F.hardsigmoid`` as ``relu6(x + 3) / 6`` (same values, twice differentiable)."""
     out = F.relu6(input + 3.0) / 6.0
     return input.copy_(out) if inplace else out
 
@@ -205,6 +207,9 @@ def forward_mode_problems(model: nn.Module, mode: str = "eval") -> list[str]:
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and getattr(m, "padding_idx", None) is not None:
             problems.append(f"{name or 'model'}: {type(m).__name__}(padding_idx={m.padding_idx}) (forward-mode AD "
                             "does not mask the padding row: wrong numbers)")
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and getattr(m, "scale_grad_by_freq", False):
+            problems.append(f"{name or 'model'}: {type(m).__name__}(scale_grad_by_freq=True) (its backward rescales "
+                            "by token counts, forward mode does not: the two disagree)")
         if mode == "train" and isinstance(m, nn.modules.batchnorm._NormBase):
             problems.append(f"{name or 'model'}: {type(m).__name__} in mode='train' updates its buffers in place")
     return problems
@@ -215,12 +220,16 @@ def forward_mode_verified(model: nn.Module, mode: str = "eval") -> bool:
 
     ``True`` only if the model itself and every submodule have an exact type in the
     verified list (standard layers, activations, pooling, norms; ``nn.Sequential`` as
-    the only container: a custom ``forward`` may call anything), no
+    the only container: a custom ``forward`` may call anything), no forward hooks, no
     :func:`forward_mode_problems`, and BatchNorm only in eval mode with running
     statistics.  The GGN's ``jvp="auto"`` uses forward mode only then.
     """
+    from torch.nn.modules import module as _module
+
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return False
     for m in model.modules():
-        if type(m) not in _FORWARD_VERIFIED:
+        if type(m) not in _FORWARD_VERIFIED or m._forward_hooks or m._forward_pre_hooks:
             return False
         if isinstance(m, nn.modules.batchnorm._NormBase) and (mode != "eval" or m.running_mean is None):
             return False
