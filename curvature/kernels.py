@@ -280,7 +280,7 @@ def _missing_op(message: str) -> tuple[str, str] | None:
     return None
 
 
-def missing_derivative_error(exc: BaseException, what: str) -> MissingDerivativeError | None:
+def _missing_derivative_error(exc: BaseException, what: str) -> MissingDerivativeError | None:
     """The :class:`MissingDerivativeError` for autograd's ``exc``, or ``None`` if it is another error."""
     found = _missing_op(str(exc))
     if found is None:
@@ -295,10 +295,10 @@ def missing_derivative_error(exc: BaseException, what: str) -> MissingDerivative
     else:
         alternatives = ("the reverse-mode path (GGNOperator(..., jvp='reverse'), "
                         "HessianOperator(..., product='double_backward'))")
-    raise_msg = (f"PyTorch has no {lacks} for the op {op!r}, which this model uses, so {what} cannot be "
+    message = (f"PyTorch has no {lacks} for the op {op!r}, which this model uses, so {what} cannot be "
                  f"computed exactly. {hint + ' ' if hint else ''}Alternatives: {alternatives}; or replace the op "
                  "by a twice-differentiable formulation.")
-    return MissingDerivativeError(raise_msg, op, kind)
+    return MissingDerivativeError(message, op, kind)
 
 
 @contextlib.contextmanager
@@ -315,7 +315,7 @@ def derivative_errors(what: str) -> Iterator[None]:
     except MissingDerivativeError:
         raise
     except RuntimeError as exc:  # NotImplementedError is a RuntimeError too
-        err = missing_derivative_error(exc, what)
+        err = _missing_derivative_error(exc, what)
         if err is None:
             raise
         raise err from exc

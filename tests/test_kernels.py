@@ -368,11 +368,6 @@ def test_weight_norm_every_operator_equals_finite_difference_truth(old_style, di
 
 
 # ------------------------------------------------------------------------ GGN forward-mode choice
-class Transpose(nn.Module):
-    def forward(self, x):
-        return x.transpose(1, 2)
-
-
 class TokenConv(nn.Module):
     def __init__(self, padding_idx):
         super().__init__()
