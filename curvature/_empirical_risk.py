@@ -53,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from .batches import BatchAdapter, ModelInputs, tensor_leaves, to_device
+from .kernels import derivative_kernels
 from .linear_operator import LinearOperator
 from .losses import MeanDenominatorError, loss_reduction, mean_denominator
 from .params import unflatten
@@ -589,9 +590,11 @@ class EmpiricalRiskOperator(LinearOperator):
     Products inside ``torch.inference_mode()`` raise ``RuntimeError`` (autograd is off
     there); under ``torch.no_grad()`` they are computed as usual.  A vector with
     ``requires_grad`` gives a product differentiable w.r.t. that vector (the matrix is a
-    constant: no gradient flows to the model's parameters).    """
+    constant: no gradient flows to the model's parameters).
+    """
 
     _order_sensitive = False  # per-batch fingerprints (MC Fisher) instead of a global one
+    _kernel_needs = "all"  # derivatives of the per-batch forward (curvature.kernels.derivative_kernels)
 
     def __init__(
         self,
@@ -754,11 +757,13 @@ class EmpiricalRiskOperator(LinearOperator):
                 sums = self._checksum() if self.cache_check == "checksum" else None
                 if self._single and self.check_data:  # a single batch changed in place: NaN / inf check
                     _check_finite(_read([X.batch_size], [_fingerprint(X, y, self.device)]))
-                with torch.enable_grad(), model_state(self.model, self.mode):
+                with torch.enable_grad(), model_state(self.model, self.mode), \
+                        derivative_kernels(self.model, self._kernel_needs):
                     state = self._build_state(X, y, batch_index)
                 self._state, self._state_key, self._state_sum = state, key, sums
             return self._state
-        with torch.enable_grad(), model_state(self.model, self.mode):
+        with torch.enable_grad(), model_state(self.model, self.mode), \
+                derivative_kernels(self.model, self._kernel_needs):
             return self._build_state(X, y, batch_index)
 
     def _block_products(self, blocks: Sequence[tuple[list[int] | None, Tensor]]) -> list[Tensor]:
