@@ -10,6 +10,8 @@ from .lanczos import lanczos, lanczos_batched
 from .results import DiagonalResult, EigenResult, LanczosResult, SpectralDensity, TraceResult
 from .trace import hutchinson_trace, hutchpp_trace, xnystrace, xtrace
 from .report import SpectrumReport, spectrum_report
+from .block_spectra import BlockSpectra, block_spectra
+from .block_report import BlockwiseReport, blockwise_spectrum_report
 from .sharpness import (
     SharpnessResult,
     curvature_operator,
@@ -23,6 +25,10 @@ from .monitor import SharpnessMonitor, SharpnessRecord
 from .eos import run_edge_of_stability
 
 __all__: list[str] = [
+    "BlockSpectra",
+    "block_spectra",
+    "BlockwiseReport",
+    "blockwise_spectrum_report",
     "top_eigenvalues",
     "power_iteration",
     "lanczos",
