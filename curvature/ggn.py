@@ -116,8 +116,13 @@ class GGNOperator(EmpiricalRiskOperator):
 
     @staticmethod
     def _reverse_state(leaves: list[Tensor], z: Tensor, lam):
-        """State of the double-vjp trick: the graph of ``J^T u`` for a dummy ``u`` shaped like ``z``."""
-        u = torch.zeros_like(z, requires_grad=True)
+        """State of the double-vjp trick: the graph of ``J^T u`` for a dummy ``u`` shaped like ``z``.
+
+        ``J v = d(J^T u)/du [v]`` for every ``u``; ``u = 1`` rather than ``0`` because some
+        backward formulas take the log of the incoming gradient (``logcumsumexp``: NaN at
+        ``u = 0``, exact at ``u = 1``; tests/test_kernels.py).
+        """
+        u = torch.ones_like(z, requires_grad=True)
         jtu = torch.autograd.grad(z, leaves, grad_outputs=u, create_graph=True, allow_unused=True)
         used = [i for i, g in enumerate(jtu) if g is not None]
         return leaves, z, u, [jtu[i] for i in used], used, lam

@@ -574,3 +574,19 @@ def test_every_verified_type_is_exact_under_forward_mode():
     hooked[0].register_forward_hook(lambda m, i, o: o)
     assert not forward_mode_verified(hooked)
     assert not forward_mode_verified(_finish(nn.Sequential(_Transpose12(), nn.Conv1d(2, 2, 1))))
+
+
+class LogCumSumExp(nn.Module):
+    def forward(self, x):
+        return torch.logcumsumexp(x, dim=1)
+
+
+def test_double_vjp_ggn_through_a_backward_that_takes_the_log_of_its_gradient():
+    """logcumsumexp's backward is NaN at a zero incoming gradient: the double-vjp dummy must not be 0."""
+    model = _finish(nn.Sequential(nn.Linear(3, 4), LogCumSumExp(), nn.Linear(4, 3)))
+    g = torch.Generator().manual_seed(6)
+    X, y = torch.randn(5, 3, generator=g, dtype=D), torch.randint(0, 3, (5,), generator=g)
+    G = dense_ggn(model, nn.CrossEntropyLoss(), X, y)
+    for jvp in ("reverse", "forward"):
+        M = GGNOperator(model, nn.CrossEntropyLoss(), (X, y), jvp=jvp).to_dense()
+        assert rel_err(M, G) < EXACT, jvp
