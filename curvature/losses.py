@@ -207,6 +207,13 @@ def _kl_denominator(loss_fn, y: Tensor) -> float:
     return float(y.numel())
 
 
+def _linear_cross_entropy_denominator(loss_fn, y: Tensor) -> float:
+    if y.is_floating_point():
+        raise MeanDenominatorError("LinearCrossEntropyLoss with probability targets: its mean denominator is "
+                                   "not in the table; pass the operator denominator= or use reduction='sum'.")
+    return _class_index_denominator(loss_fn, y)
+
+
 def _numel(loss_fn, y: Tensor) -> float:
     return float(y.numel())
 
@@ -354,7 +361,7 @@ LOSS_TABLE: dict[type, LossSpec] = {
                                     "which is not a sum over a count"),
 }
 if hasattr(nn, "LinearCrossEntropyLoss"):  # torch >= 2.13: the input is hidden states, not logits
-    LOSS_TABLE[nn.LinearCrossEntropyLoss] = LossSpec(_class_index_denominator, -1)
+    LOSS_TABLE[nn.LinearCrossEntropyLoss] = LossSpec(_linear_cross_entropy_denominator, -1)
 
 SUPPORTED_LOSSES = tuple(cls for cls, spec in LOSS_TABLE.items() if spec.family is not None)
 
@@ -473,9 +480,15 @@ def position_dim(loss_fn, z: Tensor) -> int:
 
     Class dim ``1`` for ``CrossEntropyLoss`` / ``NLLLoss`` (``0`` unbatched), the last dim
     for :class:`TokenCrossEntropyLoss`, elementwise losses and losses not in the table
-    (as curvlinops flattens outputs).
+    (as curvlinops flattens outputs); losses not in the table on outputs with more than
+    two dims raise ``ValueError`` (the grouping would be a guess).
     """
     spec = loss_spec(loss_fn)
+    if spec is None and z.dim() > 2:
+        raise ValueError(
+            f"Which output dim holds one position's outputs is unknown for {_describe(loss_fn)} on outputs of "
+            f"shape {tuple(z.shape)}; use ef_granularity='sequence' or a built-in loss."
+        )
     d = -1 if spec is None else spec.position_dim
     if d == 1 and z.dim() < 2:
         return 0

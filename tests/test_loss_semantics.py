@@ -499,7 +499,15 @@ def test_token_loss_equals_cross_entropy_on_transposed_logits():
 
 
 def test_ef_granularity_validation():
-    model, loss_fn, X, y = CONFIGS["token_ce"]()
+    model, loss_fn, X, y = CONFIGS["ce_sequence_BCT"]()
+
+    class SeqFocal(nn.CrossEntropyLoss):  # class dim 1, but unknown to the table
+        def forward(self, z, t):
+            return super().forward(z, t) ** 2
+
+    op = FisherOperator(model, SeqFocal(reduction="sum"), (X, y), kind="empirical", ef_granularity="token")
+    with pytest.raises(ValueError, match="Which output dim"):
+        op @ torch.ones(op.shape[0], dtype=torch.float64)
     with pytest.raises(ValueError, match="ef_granularity"):
         FisherOperator(model, loss_fn, (X, y), kind="empirical", ef_granularity="example")
     with pytest.raises(ValueError, match="kind='empirical' only"):
