@@ -272,6 +272,23 @@ class ShardGroup:
         """
         return _Summed(self, list(tensors))
 
+    def all_equal(self, value: float) -> bool:
+        """Whether every rank passed the same ``value`` (one ``all_gather``; ``True`` without a group)."""
+        if self.group is None:
+            return True
+        device = _comm_device(self.group, "cpu")
+        rows = [torch.empty(1, dtype=torch.float64, device=device) for _ in range(self.size)]
+        _dist().all_gather(rows, torch.tensor([float(value)], dtype=torch.float64, device=device), group=self.group)
+        return bool((torch.cat(rows) == rows[0]).all())
+
+    def sum_scalar(self, value: float) -> float:
+        """``value`` summed over the ranks (one ``all_reduce`` of a float64; itself without a group)."""
+        if self.group is None:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=_comm_device(self.group, "cpu"))
+        _dist().all_reduce(t, group=self.group)
+        return float(t)
+
     # ----------------------------------------------------------------- internals
     def _raise_if_failed(self, failed: bool, error: BaseException | None, what: str) -> None:
         """After a collective that carried the flags: gather messages and raise everywhere."""
