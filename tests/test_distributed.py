@@ -335,6 +335,22 @@ def _battery2(rank: int, world: int) -> dict:
         return total / world
 
     out["newton_cg"] = _newton_cg_run(net, (Xs, ys), {"closure": closure, "kwargs": {"process_group": group}})
+
+    # finite-difference Hessian: a DDP model with unequal shards, and an FSDP2-sharded model
+    from curvature.finite_difference import FiniteDifferenceHessianOperator
+    from torch.distributed.fsdp import fully_shard
+
+    out["fd_ddp"] = FiniteDifferenceHessianOperator(DDP(_problem()[0]), _ce(), data, process_group=group) @ V
+    sharded = _problem()[0]
+    for layer in sharded:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(sharded)
+    lockstep = [batches[0:2], batches[2:4]][rank]  # FSDP: the same number of batches on every rank
+    F = FiniteDifferenceHessianOperator(sharded, _ce(), lockstep, process_group=group)
+    out["fd_fsdp"] = F @ V
+    out["fd_fsdp_top"] = estimators.top_eigenvalues(F, k=1, seed=0, tol=1e-7).eigenvalues
+    out["fd_fsdp_unequal"] = _error(lambda: FiniteDifferenceHessianOperator(sharded, _ce(), data, process_group=group))
     return out
 
 
@@ -386,3 +402,22 @@ def test_without_torch_distributed_nothing_changes():
     H = curvature.HessianOperator(model, _ce(), batches, process_group="local")
     assert H._loop.shards.group is None and H.num_data == 12
     assert cdist.is_rank_zero()
+
+
+def test_finite_difference_hessian_on_ddp_and_fsdp_models(battery2):
+    ranks = battery2
+    model, X, y, batches = _problem()
+    V = _probe_block(sum(p.numel() for p in model.parameters()))
+    H = curvature.HessianOperator(model, _ce(), batches)
+    exact = H @ V
+    bound = 10 * torch.finfo(torch.float64).eps ** (2 / 3)  # tests/test_finite_difference.py
+    for key in ("fd_ddp", "fd_fsdp"):
+        assert torch.equal(ranks[0][key], ranks[1][key])
+        rel = (ranks[0][key] - exact).norm(dim=0) / exact.norm(dim=0)
+        assert float(rel.max()) < bound, (key, rel.tolist())
+    top = torch.linalg.eigvalsh(dense_hessian(model, _ce(), X, y))[-1]
+    assert torch.equal(ranks[0]["fd_fsdp_top"], ranks[1]["fd_fsdp_top"])
+    assert abs(float(ranks[0]["fd_fsdp_top"][0] - top)) < 1e-6 * float(top)
+    for r in ranks:
+        cls, msg, _ = r["fd_fsdp_unequal"]
+        assert cls == "ValueError" and "same number of batches" in msg
