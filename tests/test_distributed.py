@@ -41,6 +41,7 @@ def _free_port() -> int:
 def _entry(rank: int, world: int, port: int, name: str, outdir: str) -> None:
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    os.environ["CURVATURE_TEST_OUT"] = outdir
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=GLOO_TIMEOUT_S))
     out = globals()[name](rank, world)
     torch.save(out, Path(outdir) / f"rank{rank}.pt")
@@ -168,6 +169,10 @@ def _battery3(rank: int, world: int) -> dict:
     out["loss"], out["grad"] = H.loss_and_gradient()
     out.update(_estimates(H))
     out["sharpness"] = estimators.sharpness(model, _ce(), data, process_group=group, seed=0).value
+    report_dir = Path(os.environ["CURVATURE_TEST_OUT"]) / "report"
+    rep = estimators.spectrum_report(model, _ce(), data, process_group=group, top_k=2, num_probes=8, slq_probes=2,
+                                     lanczos_steps=8, out_dir=report_dir, progress=False)
+    out["report_eigenvalues"], out["report_files"] = torch.tensor(rep.eigenvalues), dict(rep.files)
 
     # a rank that raises inside a product pass: every rank fails, none hangs
     flaky = _Flaky(model, bad_rank=1)
@@ -258,6 +263,14 @@ def test_estimators_identical_on_every_rank_and_equal_single_process(battery3, k
         assert torch.equal(torch.as_tensor(r[key]), torch.as_tensor(ranks[0][key]))
     a, b = torch.as_tensor(ranks[0][key]), torch.as_tensor(truth[key])
     assert float((a - b).abs().max()) <= 1e-10 * max(1.0, float(b.abs().max())), key
+
+
+def test_spectrum_report_identical_everywhere_written_by_rank_zero_only(battery3):
+    ranks, truth = battery3
+    assert all(torch.equal(r["report_eigenvalues"], ranks[0]["report_eigenvalues"]) for r in ranks)
+    assert float((ranks[0]["report_eigenvalues"] - truth["top"]).abs().max()) < 1e-6 * float(truth["top"][0])
+    assert set(ranks[0]["report_files"]) == {"png", "json"} and Path(ranks[0]["report_files"]["json"]).exists()
+    assert ranks[1]["report_files"] == {} and ranks[2]["report_files"] == {}
 
 
 def test_a_raising_rank_fails_every_rank_fast(battery3):
