@@ -352,7 +352,7 @@ class EmpiricalRiskOperator(LinearOperator):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-        model, group = distributed.prepare(model, data, process_group)
+        model, params, group = distributed.prepare(model, data, process_group, params)
         if mode not in ("eval", "train"):
             raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}.")
         if cache_check not in ("checksum", "version"):

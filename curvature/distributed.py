@@ -22,7 +22,7 @@ asks for ``WORLD`` or ``"local"``.
 
 Models wrapped in ``DistributedDataParallel`` are unwrapped (``.module``): products use
 functional calls of the inner module and never run DDP's gradient hooks; parameter
-names (``params=[...]``) are those of ``.module``.
+names (``params=[...]``) may be given either way (``"module.fc.weight"`` or ``"fc.weight"``).
 
 Checks, once at construction, with one small ``all_gather`` (:meth:`ShardGroup.agree`):
 every rank must describe the same operator (class, loss type and its settings,
@@ -201,10 +201,20 @@ def resolve_group(process_group, model: nn.Module | None = None, data=None):
     return process_group
 
 
-def prepare(model: nn.Module, data, process_group) -> tuple[nn.Module, object | None]:
-    """``(unwrapped model, group or None)``: what an operator stores (see :func:`resolve_group`)."""
+def prepare(model: nn.Module, data, process_group, params=None) -> tuple[nn.Module, object, object | None]:
+    """``(unwrapped model, params, group or None)``: what an operator stores (see :func:`resolve_group`).
+
+    Parameter names given for a ``DistributedDataParallel`` model (``"module.0.weight"``)
+    are mapped to those of the inner module (``"0.weight"``); tensors need no mapping.
+    """
     group = resolve_group(process_group, model, data)
-    return unwrap_model(model), group
+    inner = unwrap_model(model)
+    if inner is not model and params is not None:
+        prefixes = {n: n[len(n) - len(m):] for n, m in zip(dict(model.named_parameters()),
+                                                          dict(inner.named_parameters()))}
+        params = [prefixes.get(p, p) if isinstance(p, str) else p
+                  for p in ([params] if isinstance(params, (str, Tensor)) else params)]
+    return inner, params, group
 
 
 def describe_operator(op) -> str:
