@@ -13,6 +13,7 @@ passed to ``all_reduce`` per product (counted by wrapping ``torch.distributed.al
 in this script) and the construction's ``all_gather``.
 
 Run:  python benchmarks/bench_distributed.py --repeats 5 --out benchmarks/results_distributed.md
+      python benchmarks/bench_distributed.py --fd-error   (finite-difference error table)
 """
 
 from __future__ import annotations
@@ -90,11 +91,43 @@ def _worker(rank: int, world: int, port: int, repeats: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+def fd_error_table() -> str:
+    """Relative error of the finite-difference product vs double backward in float64, per dtype."""
+    import copy
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import curvature
+    from models import classification_data, cnn, mlp
+
+    rows = ["| model | dtype | eps^(2/3) | relative error (4 columns) | error / eps^(2/3) |",
+            "| --- | --- | ---: | --- | ---: |"]
+    for name, make, shape in [("mlp", lambda: mlp(5, 6, 3, seed=3), (5,)), ("cnn", lambda: cnn(seed=1), (1, 7, 7))]:
+        X, y = classification_data(16, shape, 3, seed=4)
+        for dtype in (torch.float64, torch.float32, torch.bfloat16):
+            model = make().to(dtype)
+            n = sum(p.numel() for p in model.parameters())
+            V = torch.randn(n, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+            exact = curvature.HessianOperator(copy.deepcopy(model).double(), nn.CrossEntropyLoss(),
+                                              (X.double(), y)) @ V.double()
+            fd = (curvature.FiniteDifferenceHessianOperator(model, nn.CrossEntropyLoss(), (X.to(dtype), y)) @ V)
+            rel = (fd.double() - exact).norm(dim=0) / exact.norm(dim=0)
+            e = torch.finfo(dtype).eps ** (2 / 3)
+            rows.append(f"| {name} | {str(dtype).replace('torch.', '')} | {e:.1e} | {float(rel.min()):.1e} - "
+                        f"{float(rel.max()):.1e} | {float(rel.max()) / e:.2f} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--fd-error", action="store_true", help="print the finite-difference error table only")
     args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.fd_error:
+        print(fd_error_table())
+        return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
