@@ -364,6 +364,14 @@ def _battery2(rank: int, world: int) -> dict:
     out["fd_fsdp"] = F @ V
     out["fd_fsdp_top"] = estimators.top_eigenvalues(F, k=1, seed=0, tol=1e-7).eigenvalues
     out["fd_fsdp_unequal"] = _error(lambda: FiniteDifferenceHessianOperator(sharded, _ce(), data, process_group=group))
+
+    # last: a rank that never joins (rank 1 skips the operator) -> the group's timeout ends the wait
+    short = dist.new_group(backend="gloo", timeout=timedelta(seconds=3))
+    if rank == 0:
+        out["absent_rank"] = _error(lambda: curvature.HessianOperator(model, _ce(), data, process_group=short))
+    else:
+        time.sleep(6)  # alive but absent (a process that exits is noticed at once: "Connection closed by peer")
+    out["_abandon_group"] = True  # the short group is broken now: exit without tearing it down
     return out
 
 
@@ -434,3 +442,8 @@ def test_finite_difference_hessian_on_ddp_and_fsdp_models(battery2):
     for r in ranks:
         cls, msg, _ = r["fd_fsdp_unequal"]
         assert cls == "ValueError" and "same number of batches" in msg
+
+
+def test_a_rank_that_never_joins_is_ended_by_the_group_timeout(battery2):
+    cls, msg, seconds = battery2[0]["absent_rank"]
+    assert cls != "nothing raised" and 2.5 < seconds < 15, (cls, msg, seconds)
