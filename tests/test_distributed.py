@@ -24,7 +24,7 @@ from torch import nn
 import curvature
 import estimators
 from curvature import distributed as cdist
-from dense_truth import dense_hessian, dense_ggn, trainable
+from dense_truth import dense_ggn, dense_hessian
 from models import classification_data, mlp
 
 GLOO_TIMEOUT_S = 20.0  # every collective of the tests is bounded by this
@@ -331,6 +331,8 @@ def _battery2(rank: int, world: int) -> dict:
     ddp = DDP(model)
     out["ddp_hessian_mean"] = curvature.HessianOperator(ddp, _ce(), data, process_group=group) @ V
     out["ddp_default_refused"] = _error(lambda: curvature.HessianOperator(ddp, _ce(), data))
+    out["ddp_named_block"] = curvature.HessianOperator(ddp, _ce(), data, params=["module.2.weight", "2.bias"],
+                                                       process_group=group) @ V[36:78]
     out["hessian_sum"] = curvature.HessianOperator(model, _ce("sum"), data, process_group=group) @ V
 
     # NewtonCG on a DDP model, equal shards (DDP averages gradients over ranks)
@@ -388,6 +390,8 @@ def test_two_processes_ddp_model_products(battery2):
                        ("hessian_sum", curvature.HessianOperator(model, _ce("sum"), batches) @ V)]:
         assert all(torch.equal(r[key], ranks[0][key]) for r in ranks)
         assert float((ranks[0][key] - truth).abs().max() / truth.abs().max()) < 1e-12
+    block = curvature.HessianOperator(model, _ce(), batches, params=["2.weight", "2.bias"]) @ V[36:78]
+    assert float((ranks[0]["ddp_named_block"] - block).abs().max() / block.abs().max()) < 1e-12
     for r in ranks:
         cls, msg, _ = r["ddp_default_refused"]
         assert cls == "ValueError" and "DistributedDataParallel" in msg
