@@ -201,6 +201,12 @@ def _battery3(rank: int, world: int) -> dict:
     out["sampler_default_refused"] = _error(lambda: curvature.HessianOperator(model, _ce(), right))
     out["sampler_local"] = curvature.HessianOperator(model, _ce(), right, process_group="local").num_data
     out["sampler_hessian"] = curvature.HessianOperator(model, _ce(), right, process_group=group) @ V
+
+    # the helper for other accumulations (BackPACK diagonals, K-FAC factors): sums in place, mixed dtypes
+    a, b = torch.full((2, 2), rank + 1.0, dtype=torch.float64), torch.arange(3, dtype=torch.float32) * (rank + 1)
+    cdist.all_reduce_sum_([a, b], group)
+    cdist.all_reduce_sum_([a], None)  # no group: unchanged
+    out["all_reduce_sum"] = (a, b)
     return out
 
 
@@ -291,6 +297,13 @@ def test_mismatches_across_ranks_are_clear_errors_on_every_rank(battery3):
         assert cls == "ValueError" and "different operators" in msg and "reduction=sum" in msg
         cls, msg, _ = r["mismatch_shapes"]
         assert cls == "ValueError" and "different operators" in msg and "(7, 5)" in msg
+
+
+def test_all_reduce_sum_helper(battery3):
+    for r in battery3[0]:
+        a, b = r["all_reduce_sum"]
+        assert torch.equal(a, torch.full((2, 2), 6.0, dtype=torch.float64))
+        assert torch.equal(b, torch.arange(3, dtype=torch.float32) * 6)
 
 
 def test_sampler_checks(battery3):
