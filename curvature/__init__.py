@@ -29,6 +29,8 @@ from .blocks import block_diagonal, parameter_groups
 from .fisher import FisherOperator
 from .ggn import GGNOperator
 from .hessian import HessianOperator
+from .finite_difference import FiniteDifferenceHessianOperator
+from . import distributed
 
 __version__ = "0.1.0"
 
@@ -48,6 +50,8 @@ __all__ = [
     "flatten",
     "unflatten",
     "HessianOperator",
+    "FiniteDifferenceHessianOperator",
+    "distributed",
     "GGNOperator",
     "FisherOperator",
     "block_diagonal",

@@ -34,9 +34,11 @@ per-batch product.  :class:`EmpiricalRiskOperator` owns that sum:
 * Host syncs: a product pass reads the data fingerprints back once, at its end
   (float64 reductions stay on the device meanwhile).
 
-Scaling out: a data-parallel reduction belongs in :class:`BatchLoop` and
-:meth:`EmpiricalRiskOperator._block_products` (``torch.distributed.all_reduce`` of the
-accumulated product and of ``N`` across ranks holding data shards), and memory chunking
+Scaling out: the data-parallel reduction (``process_group=``, see
+:mod:`curvature.distributed`) sits in :class:`BatchLoop` (``N``, batches and mean
+denominators summed over ranks at construction, global batch indices) and around the
+passes of :meth:`EmpiricalRiskOperator._block_products` and ``loss_and_gradient`` (one
+``all_reduce`` of the accumulated result per pass); memory chunking
 (splitting a large batch into micro-batches, or the columns of a block) belongs in
 :meth:`EmpiricalRiskOperator._block_products`.  Nothing else loops over data
 (``curvature.backpack`` iterates a :class:`BatchLoop` too).
@@ -53,6 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from .batches import BatchAdapter, ModelInputs, tensor_leaves, to_device
+from . import distributed
 from .kernels import derivative_kernels
 from .linear_operator import LinearOperator
 from .losses import MeanDenominatorError, loss_reduction, mean_denominator
@@ -422,11 +425,15 @@ class BatchLoop:
         denominator: ``denominator(inputs, y)``, the mean's denominator of a batch
             (default ``inputs.batch_size``).
         adapter: a :class:`~curvature.batches.BatchAdapter` (default ``BatchAdapter()``).
+        process_group: a ``torch.distributed`` group whose ranks hold shards (``None``:
+            this process only); ``num_data``, ``num_batches`` and the denominators are
+            then totals over ranks and yielded batch indices global.
+        signature: what every rank's consumer must agree on (checked at construction).
     """
 
     def __init__(self, data, device, reduction: str | None, *, order_sensitive: bool = False,
                  batch_sensitive: bool = False, check: bool = True, denominator=None,
-                 adapter: BatchAdapter | None = None) -> None:
+                 adapter: BatchAdapter | None = None, process_group=None, signature: str = "") -> None:
         self.data = data
         self.adapter = adapter if adapter is not None else BatchAdapter()
         if not isinstance(self.adapter, BatchAdapter):
@@ -443,26 +450,33 @@ class BatchLoop:
         if not self.single and isinstance(data, Iterator):
             raise TypeError("data is a one-shot iterator; pass a re-iterable (a list or a DataLoader).")
         sizes, sums, denominators, refusal = [], [], [], None
-        for X, y in self._raw():  # one pass: fingerprints and the mean's denominators
-            sizes.append(X.batch_size)
-            sums.append(_fingerprint(X, y, self.device))
-            try:
-                denominators.append(self.denominator(X, y) if reduction == "mean" else 1.0)
-            except MeanDenominatorError as err:  # fatal only when batches must be combined
-                refusal = err
-        if not sizes or sum(sizes) == 0:
+        # data parallel: N, batches and denominators summed over ranks (curvature.distributed)
+        self.shards = distributed.ShardGroup(process_group)
+        with self.shards.agreement(signature, self.device) as counts:
+            for X, y in self._raw():  # one pass: fingerprints and the mean's denominators
+                sizes.append(X.batch_size)
+                sums.append(_fingerprint(X, y, self.device))
+                try:
+                    denominators.append(self.denominator(X, y) if reduction == "mean" else 1.0)
+                except MeanDenominatorError as err:  # fatal only when batches must be combined
+                    refusal = err
+                    denominators.append(0.0)
+            counts.counts = [sum(sizes), len(sizes), float(sum(denominators))]
+        self.local_num_batches = len(sizes)
+        self.batch_offset = int(counts.before[1])  # global index of this rank's first batch
+        if not counts.totals[0]:
             raise ValueError("data is empty: got no batches (or only empty ones).")
-        if refusal is not None and len(sizes) > 1:
+        if refusal is not None and counts.totals[1] > 1:
             raise refusal
-        if len(sizes) > 1 and reduction is None:
+        if counts.totals[1] > 1 and reduction is None:
             raise ValueError(
                 "Cannot tell how batch losses combine: loss_fn has no 'reduction' attribute; "
                 "pass reduction='mean' or 'sum'."
             )
-        self.num_data = sum(sizes)
-        self.num_batches = len(sizes)
+        self.num_data = int(counts.totals[0])  # over all ranks
+        self.num_batches = int(counts.totals[1])
         # the mean's total denominator (examples, or non-ignored / class-weighted targets)
-        self.total_denominator = float(sum(denominators))
+        self.total_denominator = float(counts.totals[2])
         self._batch_fps = _read(sizes, sums)
         _check_finite(self._batch_fps)
         self._total_fp = _total(self._batch_fps)
@@ -487,7 +501,7 @@ class BatchLoop:
 
     def weight(self, X: ModelInputs, y) -> float:
         """``D_b / sum_b D_b`` for a mean (``D`` = :func:`~curvature.losses.mean_denominator`), else 1."""
-        if self.single or self.reduction == "sum" or self.num_batches == 1:
+        if self.reduction != "mean" or self.num_batches == 1:
             return 1.0
         return self.denominator(X, y) / self.total_denominator if self.total_denominator > 0 else 0.0
 
@@ -504,7 +518,7 @@ class BatchLoop:
             w = self.weight(X, y)
             if w == 0.0:  # nothing to average in this batch (e.g. every target ignored)
                 continue
-            yield b, X, y, w
+            yield b + self.batch_offset, X, y, w
         if checking:
             self._check_pass(sizes, sums)
 
@@ -610,9 +624,11 @@ class EmpiricalRiskOperator(LinearOperator):
         check_data: bool = True,
         adapter: BatchAdapter | None = None,
         denominator=None,
+        process_group=None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        model, params, group = distributed.prepare(model, data, process_group, params)
         if mode not in ("eval", "train"):
             raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}.")
         if cache_check not in ("checksum", "version"):
@@ -656,13 +672,14 @@ class EmpiricalRiskOperator(LinearOperator):
         self._state_sum = None
         self._loop = BatchLoop(data, self.device, self.reduction, order_sensitive=self._order_sensitive,
                                batch_sensitive=mode == "train", check=self.check_data, adapter=adapter,
-                               denominator=denominator or (lambda X, y: mean_denominator(loss_fn, y, X.batch_size)))
+                               denominator=denominator or (lambda X, y: mean_denominator(loss_fn, y, X.batch_size)),
+                               process_group=group, signature=distributed.describe_operator(self))
         self.adapter = self._loop.adapter
         self._single = self._loop.single
         # The per-batch state is cached for one batch: a single batch, or an iterable yielding exactly
         # one batch when the data check is on (a changed batch then fails the pass before the product
         # is returned, so a stale cached state is never used silently).
-        self._cacheable = self._single or (self._loop.num_batches == 1 and self.check_data)
+        self._cacheable = self._single or (self._loop.local_num_batches == 1 and self.check_data)
         self.num_data = self._loop.num_data
         self.num_batches = self._loop.num_batches
 
@@ -774,14 +791,14 @@ class EmpiricalRiskOperator(LinearOperator):
         """
         if torch.is_grad_enabled() and any(V.requires_grad for _, V in blocks):
             return list(_DifferentiableProducts.apply(self, [idx for idx, _ in blocks], *[V for _, V in blocks]))
-        # Data-parallel: all_reduce(out) across ranks goes here (BatchLoop reduces N).
         outs = [torch.zeros_like(V) for _, V in blocks]
         try:
-            for b, X, y, w in self._loop:
-                state = self._get_state(X, y, b)
-                with torch.enable_grad():
-                    for out, (idx, V) in zip(outs, blocks):
-                        out.add_(self._apply_state(state, V, idx), alpha=w)
+            with self._loop.shards.summed(outs):  # data parallel: one all_reduce over ranks (and error flag)
+                for b, X, y, w in self._loop:
+                    state = self._get_state(X, y, b)
+                    with torch.enable_grad():
+                        for out, (idx, V) in zip(outs, blocks):
+                            out.add_(self._apply_state(state, V, idx), alpha=w)
         except BaseException:
             self.clear_cache()
             raise
@@ -795,14 +812,15 @@ class EmpiricalRiskOperator(LinearOperator):
         """The loss over all data and its gradient w.r.t. ``params`` (flat ``[n]``). Costs one pass."""
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         grad = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
-        for _, X, y, w in self._loop:
-            with torch.enable_grad(), model_state(self.model, self.mode):
-                leaves, z = self._forward(X)
-                loss = self._loss(z, y)
-                gs = torch.autograd.grad(loss, leaves, allow_unused=True)
-            total += w * loss.detach()
-            grad += w * torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                                   for g, p in zip(gs, leaves)])
+        with self._loop.shards.summed([total, grad]):  # data parallel: summed over ranks
+            for _, X, y, w in self._loop:
+                with torch.enable_grad(), model_state(self.model, self.mode):
+                    leaves, z = self._forward(X)
+                    loss = self._loss(z, y)
+                    gs = torch.autograd.grad(loss, leaves, allow_unused=True)
+                total += w * loss.detach()
+                grad += w * torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                                       for g, p in zip(gs, leaves)])
         return total, grad
 
     def unflatten(self, v: Tensor) -> list[Tensor]:

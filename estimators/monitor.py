@@ -185,6 +185,7 @@ class SharpnessMonitor:
         guard: int | None = None,
         seed: int = 0,
         mode: str = "eval",
+        process_group=None,
     ) -> None:
         if int(every) < 1:
             raise ValueError(f"every must be a positive integer, got {every}.")
@@ -219,7 +220,9 @@ class SharpnessMonitor:
         self.guard = guard
         self.seed = int(seed)
         self.operator_kind = operator
-        self.op = curvature_operator(model, loss_fn, data, params=params, operator=operator, mode=mode)
+        # process_group: data parallel, identical records on every rank (curvature.distributed)
+        self.op = curvature_operator(model, loss_fn, data, params=params, operator=operator, mode=mode,
+                                     process_group=process_group)
         if self.k > self.op.shape[0]:
             raise ValueError(f"k = {k} exceeds the number of parameters n = {self.op.shape[0]}.")
         self.history: list[SharpnessRecord] = []

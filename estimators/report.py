@@ -258,7 +258,7 @@ def select_params(model: nn.Module, params) -> list[str]:
 
 
 def build_operator(operator: str, model: nn.Module, loss_fn, data, params, *, seed: int,
-                   per_layer: bool = False) -> LinearOperator:
+                   per_layer: bool = False, process_group=None) -> LinearOperator:
     """The curvature operator (or its per-layer block-diagonal version) named ``operator``."""
     if operator not in OPERATORS:
         raise ValueError(f"Unknown operator {operator!r}; choose one of {OPERATORS}.")
@@ -270,6 +270,7 @@ def build_operator(operator: str, model: nn.Module, loss_fn, data, params, *, se
         cls, kw = curvature.FisherOperator, {"kind": operator.split("-", 1)[1]}
         if kw["kind"] == "mc":
             kw["seed"] = seed
+    kw["process_group"] = process_group  # data parallel: see curvature.distributed
     if per_layer:
         return curvature.block_diagonal(cls, model, loss_fn, data, params=params, grouping="layer", **kw)
     return cls(model, loss_fn, data, params=params, **kw)
@@ -384,6 +385,7 @@ def spectrum_report(
     out_dir: str | os.PathLike | None = "spectrum_report",
     description: str | None = None,
     progress: bool | None = None,
+    process_group=None,
 ) -> SpectrumReport:
     """Top eigenvalues, trace (with error bar) and spectral density of a model's curvature.
 
@@ -410,6 +412,10 @@ def spectrum_report(
         description: one line describing the model in the outputs (default: the
             model's class and parameter count).
         progress: show tqdm progress bars (``None``: only on a terminal).
+        process_group: data parallel (``torch.distributed``): every rank of the group
+            holds a shard of ``data`` and calls this function; the numbers are those of
+            the whole data set, identical on every rank, and only rank 0 writes
+            ``out_dir`` (see :mod:`curvature.distributed`).
 
     Returns:
         A :class:`SpectrumReport`.
@@ -453,7 +459,7 @@ def spectrum_report(
 
     try:
         t0 = time.perf_counter()
-        base = build_operator(operator, model, loss_fn, data, names, seed=seed)
+        base = build_operator(operator, model, loss_fn, data, names, seed=seed, process_group=process_group)
         op = bar.wrap(base)
         n = op.shape[0]
         device = op.device
@@ -488,7 +494,8 @@ def spectrum_report(
         layers = None
         if per_layer:
             t0 = time.perf_counter()
-            blocks = build_operator(operator, model, loss_fn, data, names, seed=seed, per_layer=True)
+            blocks = build_operator(operator, model, loss_fn, data, names, seed=seed, per_layer=True,
+                                    process_group=process_group)
             layers = []
             total = 0
             for name, blk in zip(blocks.names, blocks.blocks):
@@ -539,6 +546,8 @@ def spectrum_report(
         density=dens, layers=layers, num_matvecs=nm, seeds=seeds, wall_time_s=wall,
         model=model_info, settings=settings,
     )
+    if process_group not in (None, "local") and not curvature.distributed.is_rank_zero(process_group):
+        out_dir = None  # rank 0 writes the files
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
