@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from .batches import BatchAdapter, ModelInputs, tensor_leaves, to_device
 from . import distributed
-from .kernels import derivative_kernels
+from .kernels import derivative_kernels, refuse_once_differentiable
 from .linear_operator import LinearOperator
 from .losses import MeanDenominatorError, loss_reduction, mean_denominator
 from .params import unflatten
@@ -609,6 +609,7 @@ class EmpiricalRiskOperator(LinearOperator):
 
     _order_sensitive = False  # per-batch fingerprints (MC Fisher) instead of a global one
     _kernel_needs = "all"  # derivatives of the per-batch forward (curvature.kernels.derivative_kernels)
+    _graph_checked = False  # the model's graph was searched for once-differentiable Functions
 
     def __init__(
         self,
@@ -690,7 +691,11 @@ class EmpiricalRiskOperator(LinearOperator):
         chosen = set(self.param_names)
         tensors = {n: p.detach() for n, p in self.model.named_parameters() if n not in chosen}
         tensors.update(zip(self.param_names, leaves))
-        return leaves, self._predict(X, tensors)
+        z = self._predict(X, tensors)
+        if not self._graph_checked and self._kernel_needs != "first":  # once per operator
+            refuse_once_differentiable(z)
+            self._graph_checked = True
+        return leaves, z
 
     def _predict(self, X: ModelInputs, tensors: dict) -> Tensor:
         """``model`` on ``X`` with parameter tensors ``tensors`` (see :func:`forward`)."""

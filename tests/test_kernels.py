@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import parametrizations
 
+import curvature
 from curvature import FisherOperator, GGNOperator, HessianOperator
 from curvature.kernels import (
     MissingDerivativeError,
@@ -310,7 +311,7 @@ def test_functional_hardsigmoid_is_named_and_a_fixed_model_works_without_clear_c
     V = _probe(op.shape[0])
     with pytest.raises(MissingDerivativeError, match="'hardsigmoid_backward'.*nn.Hardsigmoid") as info:
         op @ V
-    assert info.value.op == "hardsigmoid_backward" and "finite_difference" in str(info.value)
+    assert info.value.op == "hardsigmoid_backward" and "FiniteDifferenceHessianOperator" in str(info.value)
     model.gate = nn.Hardsigmoid()  # the user's fix; no clear_cache()
     assert rel_err(op @ V, _fd_hvp(model, loss_fn, X, y, V)) < FD
     with pytest.raises(MissingDerivativeError, match="hardsigmoid"):
@@ -590,3 +591,44 @@ def test_double_vjp_ggn_through_a_backward_that_takes_the_log_of_its_gradient():
     for jvp in ("reverse", "forward"):
         M = GGNOperator(model, nn.CrossEntropyLoss(), (X, y), jvp=jvp).to_dense()
         assert rel_err(M, G) < EXACT, jvp
+
+
+class _OnceDifferentiableTanh(torch.autograd.Function):
+    """tanh whose backward is marked once-differentiable (as many hand-written kernels are)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = torch.tanh(x)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (out,) = ctx.saved_tensors
+        return g * (1 - out * out)
+
+
+class _OnceDifferentiableNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(_OnceDifferentiableTanh.apply(self.a(x)))
+
+
+@pytest.mark.parametrize("make", [
+    lambda m, d: curvature.HessianOperator(m, nn.CrossEntropyLoss(), d),
+    lambda m, d: curvature.GGNOperator(m, nn.CrossEntropyLoss(), d, jvp="reverse"),
+])
+def test_once_differentiable_function_is_refused_not_silently_dropped(make):
+    """torch drops second derivatives through @once_differentiable without an error (68% off): refuse."""
+    torch.manual_seed(0)
+    model = _OnceDifferentiableNet().double()
+    X, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    op = make(model, (X, y))
+    with pytest.raises(curvature.kernels.MissingDerivativeError, match="_OnceDifferentiableTanh"):
+        op @ torch.randn(op.shape[0], dtype=torch.float64)
+    fd = curvature.FiniteDifferenceHessianOperator(model, nn.CrossEntropyLoss(), (X, y))
+    assert torch.isfinite(fd @ torch.randn(op.shape[0], dtype=torch.float64)).all()  # the named alternative works
