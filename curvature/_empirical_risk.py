@@ -674,9 +674,21 @@ class EmpiricalRiskOperator(LinearOperator):
         return loss.reshape(())
 
     def _tracked(self) -> list[Tensor]:
-        tensors = list(self.model.parameters())
-        if self.mode == "eval":
-            tensors += list(self.model.buffers())
+        """Every parameter (and buffer in eval mode) of the model, by a plain walk of its modules.
+
+        Cheaper than ``model.parameters()`` (no names, no memo of tensors); the order is fixed
+        by the module tree, and a replaced module changes the list.
+        """
+        tensors, stack, seen = [], [self.model], set()
+        while stack:
+            m = stack.pop()
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            tensors.extend(p for p in m._parameters.values() if p is not None)
+            if self.mode == "eval":
+                tensors.extend(b for b in m._buffers.values() if b is not None)
+            stack.extend(c for c in m._modules.values() if c is not None)
         return tensors
 
     def _batch_tensors(self) -> list[Tensor]:
