@@ -294,10 +294,11 @@ def _sketch(t: Tensor, stream: int) -> Tensor:
 
 
 def _group_sketch(tensors: list[Tensor], device: torch.device) -> Tensor:
-    out = torch.zeros(_FP_WIDTH, dtype=torch.float64, device=device)
-    for leaf, t in enumerate(tensors):
-        out = out + _sketch(t, leaf).to(device)
-    return out
+    parts = [_sketch(t, leaf) for leaf, t in enumerate(tensors)]
+    parts = [p if p.device == device else p.to(device) for p in parts]
+    if not parts:
+        return torch.zeros(_FP_WIDTH, dtype=torch.float64, device=device)
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
 
 
 def _fingerprint(inputs: ModelInputs, y, device: torch.device) -> Tensor:

@@ -5,6 +5,10 @@ Setup:  git archive 79e2a19 | tar -x -C /tmp/dataloop_base
 Run from the worktree root:  python notes/bench_overhead_ab.py
 """
 import statistics
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))  # this worktree's packages
 import sys
 import time
 
@@ -14,6 +18,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, "/tmp/dataloop_basepkg")
 import curvature  # noqa: E402
+
+assert curvature.__file__.startswith(str(_Path(__file__).resolve().parents[1]))
 import curvature_base  # noqa: E402
 
 torch.set_num_threads(1)
@@ -58,3 +64,23 @@ for k, t in med.items():
 for tag in ("new", "base"):
     a, b = med[f"{tag} loader check_data=True"], med[f"{tag} loader check_data=False"]
     print(f"{tag}: data check share of a 4-batch product pass {(a - b) / b * 100:.1f}%")
+
+# the per-batch cost of the data check and of the private RNG, against the per-batch product cost
+from curvature._empirical_risk import _PrivateRNG, _fingerprint  # noqa: E402
+from curvature.batches import ModelInputs  # noqa: E402
+
+Xb, yb = X[:16], y[:16]
+inputs = ModelInputs((Xb,), {}, 16)
+rng = _PrivateRNG(torch.device("cpu"))
+it = {"fingerprint": lambda: _fingerprint(inputs, yb, torch.device("cpu")), "private RNG": lambda: rng.call(lambda: 0)}
+per = {k: [] for k in it}
+for _ in range(25):
+    for k, fn in it.items():
+        t0 = time.perf_counter()
+        for _ in range(200):
+            fn()
+        per[k].append((time.perf_counter() - t0) / 200)
+batch_product = med["new loader check_data=False"] / 4
+for k, t in per.items():
+    print(f"{k} per batch: {statistics.median(t) * 1e6:.1f} us = "
+          f"{statistics.median(t) / batch_product * 100:.2f}% of a one-batch product (uncached, batch of 16)")
