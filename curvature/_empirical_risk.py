@@ -298,10 +298,11 @@ def _sketch(t: Tensor, stream: int) -> Tensor:
 
 
 def _group_sketch(tensors: list[Tensor], device: torch.device) -> Tensor:
-    out = torch.zeros(_FP_WIDTH, dtype=torch.float64, device=device)
-    for leaf, t in enumerate(tensors):
-        out = out + _sketch(t, leaf).to(device)
-    return out
+    parts = [_sketch(t, leaf) for leaf, t in enumerate(tensors)]
+    parts = [p if p.device == device else p.to(device) for p in parts]
+    if not parts:
+        return torch.zeros(_FP_WIDTH, dtype=torch.float64, device=device)
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
 
 
 def _fingerprint(inputs: ModelInputs, y, device: torch.device) -> Tensor:
@@ -712,9 +713,21 @@ class EmpiricalRiskOperator(LinearOperator):
         return loss.reshape(())
 
     def _tracked(self) -> list[Tensor]:
-        tensors = list(self.model.parameters())
-        if self.mode == "eval":
-            tensors += list(self.model.buffers())
+        """Every parameter (and buffer in eval mode) of the model, by a plain walk of its modules.
+
+        Cheaper than ``model.parameters()`` (no names, no memo of tensors); the order is fixed
+        by the module tree, and a replaced module changes the list.
+        """
+        tensors, stack, seen = [], [self.model], set()
+        while stack:
+            m = stack.pop()
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            tensors.extend(p for p in m._parameters.values() if p is not None)
+            if self.mode == "eval":
+                tensors.extend(b for b in m._buffers.values() if b is not None)
+            stack.extend(c for c in m._modules.values() if c is not None)
         return tensors
 
     def _batch_tensors(self) -> list[Tensor]:

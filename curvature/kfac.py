@@ -39,7 +39,7 @@ Models: ``nn.Sequential`` (nesting allowed) of BackPACK-supported modules; train
 parameters only in ``Linear`` and ``Conv2d`` (groups=1) layers.  The user's model is never
 modified (BackPACK runs on a deep copy), it is evaluated in eval mode by default, and the
 caller's ``.grad`` is untouched and MC labels are seeded from ``(seed, batch)`` in a forked RNG
-(iterating a ``DataLoader`` draws its base seed from the global RNG, as any loop over it does).
+(the data loop leaves the global RNG as it found it, see :class:`~curvature._empirical_risk.BatchLoop`).
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ Run from the worktree root:  python notes/bench_dataloop.py
 Interleaved repeats, medians; ratios against plain torch measured in the same run.
 """
 import statistics
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))  # this worktree's packages
 import time
 
 import torch
