@@ -56,13 +56,42 @@ def _extended_copies(model: nn.Module, loss_fn, names) -> tuple[nn.Module, objec
     return backpack.extend(work), backpack.extend(lf), named
 
 
+def resolve_seed(seed) -> int:
+    """``seed`` as a non-negative integer: ``None`` means 0 (reproducible by default); ints only.
+
+    Raises:
+        TypeError: a non-integer (``1.5``, ``True``, a string).
+        ValueError: a negative seed or one of 2**63 or more.
+    """
+    if seed is None:
+        return 0
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}.")
+    if not 0 <= int(seed) < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}.")
+    return int(seed)
+
+
+def batch_seed(seed: int, batch_index: int) -> int:
+    """The seed of batch ``batch_index`` derived from ``seed`` (the one derivation of the package's samplers)."""
+    state = np.random.SeedSequence([int(seed), batch_index]).generate_state(2, np.uint32)
+    return int(state[0]) << 31 ^ int(state[1])
+
+
+def check_finite_params(names, tensors, caller: str) -> None:
+    """Raise ``ValueError`` naming the parameters with NaN/inf entries (before any computation)."""
+    bad = [n for n, p in zip(names, tensors) if not bool(torch.isfinite(p.detach()).all())]
+    if bad:
+        raise ValueError(f"{caller}: parameter(s) {bad} have NaN/inf entries; the curvature is undefined. "
+                         "Check the training run that produced them (learning rate, loss scale).")
+
+
 @contextlib.contextmanager
 def _seeded_batch(seed: int, batch_index: int, device: torch.device):
     """Fork the global RNG (and the CUDA one of ``device``) seeded from ``(seed, batch_index)``."""
     rng_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
-        state = np.random.SeedSequence([int(seed) & (2**63 - 1), batch_index]).generate_state(2, np.uint32)
-        torch.manual_seed(int(state[0]) << 31 ^ int(state[1]))
+        torch.manual_seed(batch_seed(seed, batch_index))
         yield
 
 
@@ -190,6 +219,8 @@ def _backpack_diagonal(model, loss_fn, data, params, extension_name: str, attrib
     ext = ext(mc_samples=mc_samples) if extension_name == "DiagGGNMC" else ext()
     _check_supported(model, loss_fn, ext, extension_name)
     names, chosen = resolve_params(model, params)
+    check_finite_params(names, chosen, extension_name)
+    seed = resolve_seed(seed)
     device = chosen[0].device
     loop = BatchLoop(data, device, reduction, order_sensitive=extension_name == "DiagGGNMC", check=check_data,
                      denominator=lambda X, y: mean_denominator(loss_fn, y, X.shape[0]))
@@ -218,7 +249,7 @@ def ggn_diagonal(
     *,
     kind: str = "exact",
     mc_samples: int = 1,
-    seed: int = 0,
+    seed: int | None = 0,
     mode: str = "eval",
     check_data: bool = True,
 ) -> DiagonalOperator:
@@ -233,7 +264,8 @@ def ggn_diagonal(
         params: parameters (tensors of ``model`` or names); default all trainable.
         kind: ``"exact"`` (BackPACK ``DiagGGNExact``) or ``"mc"`` (``DiagGGNMC``).
         mc_samples: sampled labels per example for ``kind="mc"``.
-        seed: seed of the sampled labels (per batch: seeded from ``(seed, batch index)``).
+        seed: seed of the sampled labels (per batch: seeded from ``(seed, batch index)``);
+            ``None`` means 0.
         mode: ``"eval"`` (default) or ``"train"`` (BackPACK refuses train-mode BatchNorm).
         check_data: verify that the data are the same on every pass.
 
@@ -246,6 +278,7 @@ def ggn_diagonal(
             ``nn.Module`` class, ...), an unsupported loss or loss setting, or a
             multi-output ``BCEWithLogitsLoss``; the message names the alternatives
             (``GGNOperator(...).diagonal()`` or ``estimators.hutchinson_diagonal``).
+        ValueError: a parameter with NaN/inf entries (named).
 
     Cost: one forward and one extended backward pass per batch (exact: about ``C``
     backward passes' worth of work for ``C`` outputs; MC: ``mc_samples``).
