@@ -23,6 +23,7 @@ from . import losses
 from .backpack import ggn_diagonal, hessian_diagonal
 from .kfac import kfac
 from .kronecker import KFACOperator, KroneckerOperator
+from .ekfac import EKFACBlock, EKFACOperator, ekfac
 from .blocks import block_diagonal, parameter_groups
 from .fisher import FisherOperator
 from .ggn import GGNOperator
@@ -55,4 +56,7 @@ __all__ = [
     "kfac",
     "KroneckerOperator",
     "KFACOperator",
+    "ekfac",
+    "EKFACOperator",
+    "EKFACBlock",
 ]

@@ -46,7 +46,7 @@ from torch import Tensor
 from .linear_operator import LinearOperator
 from .structured import BlockDiagonalOperator
 
-__all__ = ["MatrixLayoutOperator", "KroneckerOperator", "KFACOperator"]
+__all__ = ["MatrixLayoutOperator", "KroneckerOperator", "LayerBlockOperator", "KFACOperator"]
 
 _MODES = ("exact", "factored", "factored_pi")
 
@@ -253,22 +253,22 @@ class KroneckerOperator(MatrixLayoutOperator):
                 f"{', with_bias' if self.with_bias else ''}, dtype={self.dtype}, device={self.device})")
 
 
-class KFACOperator(BlockDiagonalOperator):
-    """Block-diagonal K-FAC: one :class:`KroneckerOperator` per layer (or per parameter).
+class LayerBlockOperator(BlockDiagonalOperator):
+    """Block-diagonal operator with one block per layer (or parameter), built by :func:`curvature.kfac` / ``ekfac``.
 
-    Built by :func:`curvature.kfac`.  ``blocks[i]`` acts on the parameters
-    ``param_names[i]`` (names in the model), ``names[i]`` is the layer name.  Exact solve,
-    damping, diagonal, trace and logdet go block by block through the factors.
+    ``blocks[i]`` acts on the parameters ``param_names[i]`` (names in the model),
+    ``names[i]`` is the block name.  Exact solve, damping, diagonal, trace and logdet go
+    block by block.
     """
 
-    def __init__(self, blocks: Sequence[KroneckerOperator], names: Sequence[str] | None = None,
+    def __init__(self, blocks: Sequence[LinearOperator], names: Sequence[str] | None = None,
                  param_names: Sequence[Sequence[str]] | None = None) -> None:
         super().__init__(blocks, names)
         self.param_names = [list(p) for p in param_names] if param_names is not None else None
 
-    def damped(self, damping: float, mode: str = "exact") -> KFACOperator:
-        """Every block damped (see :meth:`KroneckerOperator.damped`); ``"exact"`` is ``K + lam I``."""
-        return KFACOperator([b.damped(damping, mode) for b in self.blocks], self.names, self.param_names)
+    def damped(self, damping: float, mode: str = "exact"):
+        """Every block damped (see the blocks' ``damped``); ``"exact"`` is ``K + lam I``."""
+        return type(self)([b.damped(damping, mode) for b in self.blocks], self.names, self.param_names)
 
     def trace(self) -> Tensor:
         """Sum of the blocks' traces (a 0-d tensor)."""
@@ -277,6 +277,15 @@ class KFACOperator(BlockDiagonalOperator):
     def logdet(self) -> Tensor:
         """Sum of the blocks' log-determinants."""
         return torch.stack([b.logdet() for b in self.blocks]).sum()
+
+
+class KFACOperator(LayerBlockOperator):
+    """Block-diagonal K-FAC: one :class:`KroneckerOperator` per layer (or per parameter).
+
+    Built by :func:`curvature.kfac`.  ``blocks[i]`` acts on the parameters
+    ``param_names[i]`` (names in the model), ``names[i]`` is the layer name.  Exact solve,
+    damping, diagonal, trace and logdet go block by block through the factors.
+    """
 
     def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """``{layer name: (A, B)}`` (for a separate bias block the name ends in ``.bias``)."""
