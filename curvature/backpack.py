@@ -12,7 +12,10 @@ and the alternatives (``op.diagonal()``, exact for small ``n``, or
 ``estimators.hutchinson_diagonal(op)``); there is no silent fallback.
 
 The user's model is never modified: BackPACK's ``extend`` installs hooks and attributes,
-so it runs on a deep copy (parameters mapped back by name), in eval mode by default;
+so it runs on a copy, made once per model and cached (its parameters share the user's
+storage, so values are always current; it is rebuilt when the module tree, a
+hyperparameter, a hook, or a parameter's identity/storage/shape/dtype/device changes;
+see :func:`_extended_copies`), in eval mode by default;
 ``.grad`` and the global RNG of the caller are untouched (Monte-Carlo sampling runs
 under ``torch.random.fork_rng`` seeded from ``(seed, batch index)``).  Batches are
 summed with the weights of :class:`~curvature._empirical_risk.BatchLoop` (mean or sum
@@ -26,7 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -39,21 +44,73 @@ from .structured import DiagonalOperator
 __all__ = ["ggn_diagonal", "hessian_diagonal"]
 
 
-def _extended_copies(model: nn.Module, loss_fn, names) -> tuple[nn.Module, object, dict]:
-    """BackPACK-extended deep copies of ``model`` and ``loss_fn`` (the user's objects stay untouched).
+# {user model: {"key": structure key, "work": extended copy, "named": {...}, "losses": {loss key: copy}}}
+_EXTENDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    Only the parameters named in ``names`` require grad in the copy.  Returns
-    ``(model copy, loss copy, {name: parameter of the copy})``.
+
+def _structure_key(model: nn.Module) -> tuple:
+    """What the cached extended copy depends on: module tree, hyperparameters, hooks, tensor identities.
+
+    Per module: name, class, public attributes (``stride``, ``inplace``, ...), the keys of its
+    hook dicts, and per parameter / buffer its identity, storage pointer, shape, dtype
+    and device.  Values of the tensors are not in the key: the copy shares their storage.
+    """
+    items = []
+    for name, m in model.named_modules():
+        attrs = tuple(sorted((k, repr(v)) for k, v in vars(m).items() if not k.startswith("_") and k != "training"))
+        hooks = tuple(tuple(getattr(m, h, {})) for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                                                         "_backward_pre_hooks"))
+        tensors = tuple((k, None if t is None else (id(t), t.data_ptr(), t.shape, t.dtype, t.device))
+                        for d in (m._parameters, m._buffers) for k, t in d.items())
+        items.append((name, type(m), attrs, hooks, tensors))
+    return tuple(items)
+
+
+def _loss_key(loss_fn) -> tuple:
+    return (id(loss_fn), type(loss_fn),
+            tuple(sorted((k, repr(v)) for k, v in vars(loss_fn).items() if not k.startswith("_"))))
+
+
+def _extended_copies(model: nn.Module, loss_fn, names, check=None, check_key=None) -> tuple[nn.Module, object, dict]:
+    """BackPACK-extended copies of ``model`` and ``loss_fn`` (the user's objects stay untouched).
+
+    The copy is made once per model and cached (weakly keyed on the model): its
+    parameters are new leaves SHARING the storage of the user's parameters (values are
+    always current, ``.grad`` and BackPACK's attributes land on the copy) and its buffers
+    are the user's buffer tensors.  It is rebuilt when :func:`_structure_key` changes (a
+    module added or replaced, a hyperparameter or hook changed, a parameter re-assigned or
+    its storage swapped through ``.data = ...``).  Only the parameters named in ``names``
+    require grad in the copy.  ``check()`` (a support check of the model, raising) runs
+    once per ``check_key`` and cached copy.  Returns ``(model copy, loss copy, {name:
+    parameter of the copy})``.
     """
     import backpack
 
-    work = copy.deepcopy(model)
-    lf = copy.deepcopy(loss_fn)
-    named = dict(work.named_parameters())
+    key = _structure_key(model)
+    entry = _EXTENDED.get(model)
+    if entry is None or entry["key"] != key:
+        if check is not None:
+            check()
+        memo = {}
+        for p in model.parameters():
+            memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+        for b in model.buffers():
+            memo[id(b)] = b
+        work = backpack.extend(copy.deepcopy(model, memo))
+        entry = {"key": key, "work": work, "named": dict(work.named_parameters()), "losses": {},
+                 "checked": {check_key}}
+        _EXTENDED[model] = entry
+    elif check is not None and check_key not in entry["checked"]:
+        check()
+        entry["checked"].add(check_key)
+    lkey = _loss_key(loss_fn)
+    if lkey not in entry["losses"]:
+        entry["losses"] = {lkey: backpack.extend(copy.deepcopy(loss_fn))}
+    named = entry["named"]
     for n, p in named.items():
         p.requires_grad_(n in names)
         p.grad = None
-    return backpack.extend(work), backpack.extend(lf), named
+    return entry["work"], entry["losses"][lkey], named
 
 
 def resolve_seed(seed) -> int:
@@ -87,11 +144,17 @@ def check_finite_params(names, tensors, caller: str) -> None:
 
 
 @contextlib.contextmanager
-def _seeded_batch(seed: int, batch_index: int, device: torch.device):
-    """Fork the global RNG (and the CUDA one of ``device``) seeded from ``(seed, batch_index)``."""
+def _seeded_batch(seed: int | None, batch_index: int, device: torch.device):
+    """Fork the global RNG (and the CUDA one of ``device``) seeded from ``(seed, batch_index)``; ``None``: no-op."""
+    if seed is None:  # nothing random in this extension
+        yield
+        return
     rng_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
-        torch.manual_seed(batch_seed(seed, batch_index))
+        s = batch_seed(seed, batch_index)
+        torch.default_generator.manual_seed(s)  # not torch.manual_seed: it also seeds every other backend
+        if device.type == "cuda":
+            torch.cuda.manual_seed(s)
         yield
 
 
@@ -131,6 +194,15 @@ def _backpack_passes(loop: BatchLoop, work: nn.Module, lf, ext, named: dict, nam
             delattr(p, attribute)
             p.grad = None
         yield b, X, w, values
+
+
+@functools.lru_cache(maxsize=None)
+def _extension(extension_name: str, mc_samples: int = 1):
+    """One BackPACK extension object per (name, samples): building one costs ~2 ms (its module map)."""
+    from backpack import extensions
+
+    cls = getattr(extensions, extension_name)
+    return cls(mc_samples=mc_samples) if extension_name in ("DiagGGNMC", "KFAC") else cls()
 
 
 def _alternative(extension_name: str) -> str:
@@ -215,29 +287,31 @@ def _backpack_diagonal(model, loss_fn, data, params, extension_name: str, attrib
             f"BackPACK diagonals support CrossEntropyLoss, MSELoss and BCEWithLogitsLoss, got "
             f"{type(loss_fn).__name__}. {_alternative(extension_name)}"
         )
-    ext = getattr(extensions, extension_name)
-    ext = ext(mc_samples=mc_samples) if extension_name == "DiagGGNMC" else ext()
-    _check_supported(model, loss_fn, ext, extension_name)
+    ext = _extension(extension_name, mc_samples)
     names, chosen = resolve_params(model, params)
-    check_finite_params(names, chosen, extension_name)
     seed = resolve_seed(seed)
+    work, lf, named = _extended_copies(model, loss_fn, names, check=lambda: _check_supported(
+        model, loss_fn, ext, extension_name), check_key=(extension_name, _loss_key(loss_fn)))
     device = chosen[0].device
     loop = BatchLoop(data, device, reduction, order_sensitive=extension_name == "DiagGGNMC", check=check_data,
                      denominator=lambda X, y: mean_denominator(loss_fn, y, X.shape[0]))
 
-    work, lf, named = _extended_copies(model, loss_fn, names)
-
-    acc = [torch.zeros_like(p) for p in chosen]
+    acc: list = [None] * len(chosen)
     passes = _backpack_passes(
-        loop, work, lf, ext, named, names, attribute, seed=seed, mode=mode, device=device,
-        check_output=lambda z: _check_output(loss_fn, z, extension_name),
+        loop, work, lf, ext, named, names, attribute, seed=seed if extension_name == "DiagGGNMC" else None,
+        mode=mode, device=device, check_output=lambda z: _check_output(loss_fn, z, extension_name),
         describe_error=lambda exc: (f"BackPACK's {extension_name} cannot handle this model/loss: {exc}. "
                                     f"{_alternative(extension_name)}"),
     )
     for _, _, w, values in passes:
-        for a, value in zip(acc, values):
-            a.add_(value.detach(), alpha=w)
-    diag = torch.cat([a.reshape(-1) for a in acc])
+        for i, value in enumerate(values):
+            value = value.detach()
+            acc[i] = (value if w == 1.0 else value * w) if acc[i] is None else acc[i].add_(value, alpha=w)
+    diag = torch.cat([(torch.zeros_like(p) if a is None else a).reshape(-1) for a, p in zip(acc, chosen)])
+    if not bool(torch.isfinite(diag).all()):  # one check on the result instead of one per parameter
+        check_finite_params(names, chosen, extension_name)
+        raise ValueError(f"{extension_name}: the diagonal has NaN/inf entries although the parameters are finite; "
+                         "check the data for NaN/inf (or an overflowing loss).")
     return DiagonalOperator(diag, param_shapes=[p.shape for p in chosen])
 
 

@@ -70,7 +70,7 @@ from torch import Tensor, nn
 
 from ._empirical_risk import BatchLoop, check_loss, resolve_params
 from ._kfac_capture import APPROX, KINDS, LayerBlock, capture_rows, plan_blocks
-from .backpack import _backpack_passes, _extended_copies, batch_seed, check_finite_params, resolve_seed
+from .backpack import _backpack_passes, _extended_copies, _extension, batch_seed, check_finite_params, resolve_seed
 from .kronecker import KFACOperator, KroneckerOperator
 from .losses import mean_denominator
 
@@ -248,12 +248,10 @@ def _kfra_blocks(model, loss_fn, loop: BatchLoop, blocks: list[LayerBlock], name
     mean input and 1.  KFRA's recursion is not additive over batches: the result over a
     DataLoader is a weighted average of per-batch KFRA.
     """
-    from backpack import extensions
-
     if not isinstance(loss_fn, (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)):
         raise NotImplementedError(f"kfac(kind='kfra') supports MSELoss, CrossEntropyLoss and BCEWithLogitsLoss, "
                                   f"got {type(loss_fn).__name__}.")
-    ext = extensions.KFRA()
+    ext = _extension("KFRA")
     _check_structure(model, ext)
     split = []
     for blk in blocks:
@@ -280,7 +278,7 @@ def _kfra_blocks(model, loss_fn, loop: BatchLoop, blocks: list[LayerBlock], name
     xbar: dict[str, Tensor] = {}
     try:
         passes = _backpack_passes(
-            loop, work, lf, ext, named, names, "kfra", seed=0, mode=mode, device=loop.device,
+            loop, work, lf, ext, named, names, "kfra", seed=None, mode=mode, device=loop.device,
             check_output=lambda z: _check_bce_output(loss_fn, z),
             describe_error=lambda exc: f"BackPACK cannot compute KFRA for this model: {exc}")
         for _, X, w, values in passes:
