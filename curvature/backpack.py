@@ -89,6 +89,15 @@ def _extended_copies(model: nn.Module, loss_fn, names, check=None, check_key=Non
     key = _structure_key(model)
     entry = _EXTENDED.get(model)
     if entry is None or entry["key"] != key:
+        hooked = [name or "<model>" for name, m in model.named_modules()
+                  if any(getattr(m, h, None) for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                                                       "_backward_pre_hooks"))]
+        if hooked:
+            raise NotImplementedError(
+                f"Module(s) {hooked} have hooks registered; BackPACK back-propagates through each module's own "
+                "derivative and ignores what a hook does to its inputs/outputs (the result would be silently "
+                "wrong). Remove the hooks, or use curvature.GGNOperator / HessianOperator (autograd, hooks "
+                "honoured), e.g. op.diagonal() or estimators.hutchinson_diagonal(op).")
         if check is not None:
             check()
         memo = {}
