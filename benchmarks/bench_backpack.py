@@ -4,11 +4,12 @@ For each quantity, "BackPACK directly" is what a user writes by hand with the mo
 extended ONCE outside the timed region: forward, loss, ``with backpack(ext):
 loss.backward()``, read the attribute.  The toolkit's call (``ggn_diagonal``,
 ``hessian_diagonal``, ``kfac``) is timed end to end, including its argument checks, the
-data scan and the per-call setup.  Ratios are medians of interleaved repeats (one
-thread), so machine load cancels.
+data scan and the per-call setup.  Times are the process's CPU time
+(``time.process_time``, one thread: less sensitive to other processes on a shared machine
+than wall time), medians of interleaved repeats; the ratio is what counts.
 
-Workloads (float32): ``mlp`` 784-256-256-10 tanh, N=1024 (the estimator benchmark's MLP
-at half the batch); ``small`` 20-32-32-5 tanh, N=128 (per-call overheads show).
+Workloads (float32): ``mlp`` 784-256-256-10 tanh, N=256 (the estimator benchmark's MLP
+on a smaller batch: 2 shared cores); ``small`` 20-32-32-5 tanh, N=128 (per-call overheads show).
 
 Run:  python benchmarks/bench_backpack.py --repeats 7 --out benchmarks/results_backpack.md
 """
@@ -30,7 +31,7 @@ import curvature
 def make(kind: str):
     torch.manual_seed(0)
     sizes = (784, 256, 256, 10) if kind == "mlp" else (20, 32, 32, 5)
-    n = 1024 if kind == "mlp" else 128
+    n = 256 if kind == "mlp" else 128
     layers = []
     for a, b in zip(sizes[:-1], sizes[1:]):
         layers += [nn.Linear(a, b), nn.Tanh()]
