@@ -25,6 +25,7 @@ from .losses import MeanDenominatorError, TokenCrossEntropyLoss
 from .backpack import ggn_diagonal, hessian_diagonal
 from .kfac import kfac
 from .kronecker import KFACOperator, KroneckerOperator
+from .ekfac import EKFACBlock, EKFACOperator, ekfac
 from .blocks import block_diagonal, parameter_groups
 from .fisher import FisherOperator
 from .ggn import GGNOperator
@@ -64,4 +65,7 @@ __all__ = [
     "kfac",
     "KroneckerOperator",
     "KFACOperator",
+    "ekfac",
+    "EKFACOperator",
+    "EKFACBlock",
 ]

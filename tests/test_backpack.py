@@ -124,3 +124,42 @@ def test_unsupported_models_and_losses_raise_clear_errors_up_front():
     bce, y1 = nn.BCEWithLogitsLoss(), torch.rand(6, 1, dtype=torch.float64)
     assert rel_err(ggn_diagonal(single, bce, (X, y1)).diag, dense_ggn(single, bce, X, y1).diagonal()) < EXACT
     assert rel_err(hessian_diagonal(single, bce, (X, y1)).diag, dense_hessian(single, bce, X, y1).diagonal()) < EXACT
+
+
+def test_cached_extended_copy_follows_every_change_of_the_model():
+    """The BackPACK copy is cached per model: values are shared, structural changes rebuild it."""
+    import gc
+
+    from curvature import backpack as cb
+
+    model, loss_fn, (X, y) = make_case("mlp", n=6)
+
+    def check():
+        d = ggn_diagonal(model, loss_fn, (X, y)).diag
+        assert rel_err(d, dense_ggn(model, loss_fn, X, y).diagonal()) < EXACT
+        assert rel_err(hessian_diagonal(model, loss_fn, (X, y)).diag,
+                       dense_hessian(model, loss_fn, X, y).diagonal()) < EXACT
+
+    check()
+    work = cb._EXTENDED[model]["work"]
+    with torch.no_grad():  # an optimizer step: in place, the copy shares the storage
+        for p in model.parameters():
+            p.mul_(0.7).add_(0.05)
+    check()
+    assert cb._EXTENDED[model]["work"] is work  # no rebuild for new values
+    model[0].weight.data = model[0].weight.data.clone() * 1.3  # storage swapped through .data
+    check()
+    model[2].weight = nn.Parameter(model[2].weight.detach() * -0.5)  # parameter re-assigned
+    check()
+    model[1] = nn.Sigmoid()  # module replaced
+    check()
+    assert cb._EXTENDED[model]["work"] is not work
+    handle = model[3].register_forward_hook(lambda m, i, o: 2 * o)  # BackPACK would ignore it: refused
+    with pytest.raises(NotImplementedError, match=r"Module\(s\) \['3'\] have hooks"):
+        ggn_diagonal(model, loss_fn, (X, y))
+    handle.remove()
+    check()
+    ref = __import__("weakref").ref(model)
+    del model, work
+    gc.collect()
+    assert ref() is None  # the cache does not keep the user's model alive
