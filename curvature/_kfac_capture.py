@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from ._empirical_risk import BatchLoop, _dropout_modules, forward, model_state
 from .losses import (
+    fisher_refusal,
     has_closed_form,
     output_gradient_factors,
     output_hessian_sqrt,
@@ -139,16 +140,6 @@ def grad_rows(m: nn.Module, g: Tensor) -> Tensor:
     return g.reshape(g.shape[0], -1, g.shape[-1])
 
 
-def _flat_2d(loss_fn, z: Tensor) -> tuple[Tensor, callable]:
-    """``z`` as ``[rows, C]`` for the per-row closed forms, and the map of a factor back to ``z``'s layout."""
-    if isinstance(loss_fn, nn.CrossEntropyLoss):
-        moved = z.movedim(1, -1)
-        C = moved.shape[-1]
-        return moved.reshape(-1, C), lambda S: S.reshape(S.shape[0], *moved.shape).movedim(-1, 2)
-    C = z.shape[-1]
-    return z.reshape(-1, C), lambda S: S.reshape(S.shape[0], *z.shape)
-
-
 def output_factor(kind: str, loss_fn, z: Tensor, y: Tensor, reduction: str, mc_samples: int,
                   generator: torch.Generator) -> Tensor:
     """``S`` ``[K, *z.shape]`` with the batch loss's output curvature ``sum_k S_k S_k^T`` per example.
@@ -159,20 +150,22 @@ def output_factor(kind: str, loss_fn, z: Tensor, y: Tensor, reduction: str, mc_s
     """
     if kind == "empirical":
         return output_gradient_factors(loss_fn, z, y, reduction)
-    if not has_closed_form(loss_fn, y):
-        raise NotImplementedError(
-            f"kfac(kind={kind!r}) needs the loss's predictive distribution, known for CrossEntropyLoss, MSELoss "
-            f"and BCEWithLogitsLoss without class weights, pos_weight or ignored targets; got "
-            f"{type(loss_fn).__name__}. Use kind='empirical' (any loss that decomposes over examples).")
     if kind == "kfac":
-        return sample_output_gradients(loss_fn, z, reduction, mc_samples, generator)
-    if not isinstance(loss_fn, (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)) or z.dim() < 2:
+        why = fisher_refusal(loss_fn, y)
+        if why is not None:
+            raise NotImplementedError(
+                f"kfac(kind='kfac') samples labels from the model's predictive distribution: {why}. "
+                "Use kind='empirical' (any loss that decomposes over examples).")
+        return sample_output_gradients(loss_fn, z, reduction, mc_samples, generator, y)
+    if not has_closed_form(loss_fn):
         raise NotImplementedError(
-            f"kfac(kind='kflr') has the loss-Hessian square root for CrossEntropyLoss, MSELoss and "
-            f"BCEWithLogitsLoss on batched outputs; got {type(loss_fn).__name__} with output "
-            f"{tuple(z.shape)}. Use kind='kfac' (Monte-Carlo) or 'empirical'.")
-    z2, back = _flat_2d(loss_fn, z.detach())
-    return back(output_hessian_sqrt(loss_fn, z2, reduction))
+            f"kfac(kind='kflr') needs a closed-form loss Hessian (CrossEntropyLoss, TokenCrossEntropyLoss, MSELoss, "
+            f"BCEWithLogitsLoss without weight / pos_weight, exact classes); got {type(loss_fn).__name__}. "
+            "Use kind='empirical' (any loss that decomposes over examples).")
+    if z.dim() < 2:
+        raise NotImplementedError(f"kfac(kind='kflr') needs batched outputs, got shape {tuple(z.shape)}.")
+    # ignored targets, class weights, soft targets and label smoothing scale each position (losses: r)
+    return output_hessian_sqrt(loss_fn, z.detach(), reduction, y)
 
 
 @dataclass

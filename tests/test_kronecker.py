@@ -326,8 +326,14 @@ def test_errors_name_the_problem():
         kfac(nn.Sequential(nn.Linear(3, 2)).double(), nn.CrossEntropyLoss(), (X, y), approx="mean")
     with pytest.raises(NotImplementedError, match="L1Loss.*empirical"):
         kfac(nn.Sequential(nn.Linear(3, 2)).double(), nn.L1Loss(), (X, torch.zeros(4, 2).double()))
-    with pytest.raises(NotImplementedError, match="ignored targets"):
-        kfac(nn.Sequential(nn.Linear(3, 2)).double(), nn.CrossEntropyLoss(ignore_index=0), (X, y))
+    # ignored targets are defined (each position weighted as in the loss), not refused: the bias block
+    # of a Linear layer is exact for any batch, so it must equal the GGN's bias block
+    lin = nn.Sequential(nn.Linear(3, 3)).double()
+    ce = nn.CrossEntropyLoss(ignore_index=0)
+    yi = torch.tensor([0, 1, 2, 0])
+    K = kfac(lin, ce, (X, yi), separate_bias=True).to_dense()
+    G_bias = curvature.GGNOperator(lin, ce, (X, yi), params=[lin[0].bias]).to_dense()
+    assert torch.allclose(K[-3:, -3:], G_bias, rtol=1e-10, atol=1e-14)
     with pytest.raises(ValueError, match="reduction='none'"):
         kfac(nn.Sequential(nn.Linear(3, 2)).double(), nn.CrossEntropyLoss(reduction="none"), (X, y))
     with pytest.raises(ValueError, match="groups=2"):
