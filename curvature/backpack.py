@@ -182,7 +182,7 @@ def _backpack_passes(loop: BatchLoop, work: nn.Module, lf, ext, named: dict, nam
     for b, X, y, w in loop:
         with _seeded_batch(seed, b, device), model_state(work, mode), torch.enable_grad():
             z = forward(work, X, loop.adapter, device)
-            check_output(z)
+            check_output(z, y)
             loss = lf(z, y)
             if loss.numel() != 1:
                 raise ValueError("The loss must be a scalar (reduction 'mean' or 'sum').")
@@ -265,8 +265,19 @@ def _check_supported(model: nn.Module, loss_fn, ext, extension_name: str) -> Non
         )
 
 
-def _check_output(loss_fn, z: torch.Tensor, extension_name: str) -> None:
-    """Refuse model outputs BackPACK's loss modules cannot take (before its backward fails)."""
+def _check_output(loss_fn, z: torch.Tensor, extension_name: str, y=None) -> None:
+    """Refuse outputs and targets BackPACK's loss modules cannot take (before it fails or is silently wrong).
+
+    BackPACK's cross-entropy curvature assumes integer targets, all counted, and no label
+    smoothing: targets equal to ``ignore_index`` or probability targets would give a
+    silently wrong diagonal, so they are refused here.
+    """
+    if isinstance(loss_fn, nn.CrossEntropyLoss) and y is not None:
+        if loss_fn.label_smoothing != 0.0 or y.is_floating_point() or bool((y == loss_fn.ignore_index).any()):
+            raise NotImplementedError(
+                "BackPACK's CrossEntropyLoss supports integer targets without ignored entries (ignore_index) and "
+                f"without label smoothing. {_alternative(extension_name)}"
+            )
     if isinstance(loss_fn, nn.BCEWithLogitsLoss) and (z.dim() != 2 or z.shape[1] != 1):
         raise NotImplementedError(
             f"BackPACK's BCEWithLogitsLoss supports only one logit per example (model output [N, 1]); got "
@@ -309,7 +320,7 @@ def _backpack_diagonal(model, loss_fn, data, params, extension_name: str, attrib
     acc: list = [None] * len(chosen)
     passes = _backpack_passes(
         loop, work, lf, ext, named, names, attribute, seed=seed if extension_name == "DiagGGNMC" else None,
-        mode=mode, device=device, check_output=lambda z: _check_output(loss_fn, z, extension_name),
+        mode=mode, device=device, check_output=lambda z, y: _check_output(loss_fn, z, extension_name, y),
         describe_error=lambda exc: (f"BackPACK's {extension_name} cannot handle this model/loss: {exc}. "
                                     f"{_alternative(extension_name)}"),
     )

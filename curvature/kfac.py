@@ -279,7 +279,7 @@ def _kfra_blocks(model, loss_fn, loop: BatchLoop, blocks: list[LayerBlock], name
     try:
         passes = _backpack_passes(
             loop, work, lf, ext, named, names, "kfra", seed=None, mode=mode, device=loop.device,
-            check_output=lambda z: _check_bce_output(loss_fn, z),
+            check_output=lambda z, y: _check_bce_output(loss_fn, z),
             describe_error=lambda exc: f"BackPACK cannot compute KFRA for this model: {exc}")
         for _, X, w, values in passes:
             w_in = X.batch_size / loop.num_data

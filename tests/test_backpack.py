@@ -163,3 +163,16 @@ def test_cached_extended_copy_follows_every_change_of_the_model():
     del model, work
     gc.collect()
     assert ref() is None  # the cache does not keep the user's model alive
+
+
+def test_ignored_or_soft_targets_are_refused_not_silently_wrong():
+    """BackPACK's CE curvature counts every target: ignored targets / probabilities / smoothing are refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4)).double()
+    X = torch.randn(5, 3, dtype=torch.float64)
+    for loss_fn, y in ((nn.CrossEntropyLoss(), torch.tensor([0, -100, 1, 2, 3])),
+                       (nn.CrossEntropyLoss(label_smoothing=0.1), torch.tensor([0, 1, 1, 2, 3])),
+                       (nn.CrossEntropyLoss(), torch.softmax(torch.randn(5, 4, dtype=torch.float64), 1))):
+        for f in (ggn_diagonal, hessian_diagonal):
+            with pytest.raises(NotImplementedError, match="ignore_index"):
+                f(model, loss_fn, (X, y))
