@@ -37,7 +37,7 @@ class Sophia(OptimizerConventions, Optimizer):
 
         theta <- theta * (1 - lr * weight_decay)                       (decoupled decay)
         m     <- beta1 * m + (1 - beta1) * g                           (no bias correction)
-        theta <- theta - lr * clip(m / max(gamma * h, eps), -1, 1)
+        theta <- theta - lr * clip(m / (max(gamma * h, 0) + eps), -1, 1)
 
     and the curvature is refreshed from an estimate ``h_hat`` at the parameters
     reached after steps ``k, 2k, 3k, ...`` (``k = update_interval``)::
@@ -60,10 +60,12 @@ class Sophia(OptimizerConventions, Optimizer):
     * our ``h`` = official ``bs * h`` (official ``update_hessian`` stores ``g*g`` and
       multiplies by ``bs`` = tokens per step at use time; our GNB multiplies by the
       number of loss terms N when it estimates), i.e. official
-      ``min(|m| / (rho * bs * h_off + 1e-15), 1) = min(|m| / (gamma * h), 1)`` here,
-      up to the additive ``1e-15`` which we replace by the paper's ``max(., eps)``
-      (needed for Hutchinson estimates, which can be negative);
-    * ``eps`` = paper ``epsilon`` (official: ``1e-15`` added);
+      ``min(|m| / (rho * bs * h_off + 1e-15), 1) = min(|m| / (gamma * h + eps), 1)``
+      here with the official ``eps = 1e-15`` (equal to rounding: the recipe test
+      matches the official loop to 1e-11); a negative entry of ``h`` (Hutchinson
+      estimates can be negative) counts as 0, i.e. that coordinate is clipped, as
+      with the paper's ``max(gamma * h, eps)``;
+    * ``eps`` = official ``1e-15`` added to the denominator (paper ``epsilon``);
     * paper v1 form ``eta * clip(m / max(h, eps), rho_v1)`` = ours with
       ``lr = eta * rho_v1`` and ``gamma = rho_v1``.
 
@@ -80,7 +82,7 @@ class Sophia(OptimizerConventions, Optimizer):
             values clip less often (higher win rate).  Paper defaults: 0.05 for
             GNB, 0.01 for Hutchinson (levanter).
         weight_decay: decoupled weight decay (``>= 0``).
-        eps: floor of the denominator ``max(gamma * h, eps)`` (``> 0``).
+        eps: added to the denominator ``max(gamma * h, 0) + eps`` (``> 0``; official 1e-15).
         estimator: a :class:`DiagonalCurvatureEstimator` over (a superset of) the
             parameters.  Required unless ``update_interval=None``: without curvature
             Sophia is sign momentum, so a missing estimator is refused instead of
@@ -367,9 +369,9 @@ class Sophia(OptimizerConventions, Optimizer):
                 return self._reject("Sophia.step: the curvature estimate has NaN/inf entries (parameters, "
                                     "buffers, counters and the estimator's RNG are as before)", loss)
         elif (not self.update_interval and not self._warned_no_curvature and self.num_curvature_updates == 0
-              and self.num_steps >= MANUAL_CURVATURE_GRACE_STEPS):
+              and self.num_steps + 1 >= MANUAL_CURVATURE_GRACE_STEPS):
             self._warned_no_curvature = True
-            warnings.warn(f"Sophia: {self.num_steps} steps without any curvature (update_interval=None and "
+            warnings.warn(f"Sophia: {self.num_steps + 1} steps without any curvature (update_interval=None and "
                           "update_curvature() never called): these are sign-momentum steps. Call "
                           "update_curvature() or pass an estimator with update_interval=k.",
                           RuntimeWarning, stacklevel=2)
@@ -413,7 +415,7 @@ def _single_tensor_sophia(params, grads, exp_avgs, hessians, *, lr, beta1, gamma
     for p, g, m, h in zip(params, grads, exp_avgs, hessians):
         p.mul_(1 - lr * weight_decay)
         m.lerp_(g, 1 - beta1)
-        denom = (h * gamma).clamp_min_(eps)
+        denom = (h * gamma).clamp_min_(0.0).add_(eps)
         ratio = (m / denom).clamp_(-1.0, 1.0)
         c = ratio.abs().floor_().sum()  # clipped coordinates: |ratio| == 1
         count = c if count is None else count + c
@@ -428,7 +430,8 @@ def _multi_tensor_sophia(params, grads, exp_avgs, hessians, *, lr, beta1, gamma,
         torch._foreach_mul_(params, 1 - lr * weight_decay)
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     denom = torch._foreach_mul(hessians, gamma)
-    torch._foreach_clamp_min_(denom, eps)
+    torch._foreach_clamp_min_(denom, 0.0)
+    torch._foreach_add_(denom, eps)
     ratio = torch._foreach_div(exp_avgs, denom)
     torch._foreach_clamp_min_(ratio, -1.0)
     torch._foreach_clamp_max_(ratio, 1.0)
