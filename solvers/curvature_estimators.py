@@ -26,6 +26,7 @@ its ``state_dict``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 
@@ -48,6 +49,20 @@ def rademacher(shape: Sequence[int], *, generator: torch.Generator, dtype: torch
     """I.i.d. +-1 entries with probability 1/2 each, drawn from ``generator``."""
     r = torch.randint(0, 2, tuple(shape), generator=generator, device=device, dtype=torch.int8)
     return (r * 2 - 1).to(dtype)
+
+
+def _double_backward_kernels(model: nn.Module | None):
+    """Context for a forward pass that will be differentiated twice (Hutchinson's HVPs).
+
+    ``curvature.kernels.derivative_kernels(model)`` (written in parallel; it makes
+    fused attention double-differentiable) when it exists, else a no-op.  The lead
+    wires it here, in one place.
+    """
+    try:
+        from curvature.kernels import derivative_kernels  # type: ignore[import-not-found]
+    except ImportError:
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if model is None else derivative_kernels(model)
 
 
 def _as_param_list(params_or_model) -> list[Tensor]:
@@ -174,7 +189,8 @@ class HutchinsonEstimator(DiagonalCurvatureEstimator):
         """One Hutchinson estimate, shaped like the parameters (see class doc for ``data``)."""
         if isinstance(data, LinearOperator):
             return self._estimate_operator(data)
-        with torch.enable_grad():
+        # KERNELS WIRING: the single place where Sophia-H differentiates twice through the model.
+        with torch.enable_grad(), _double_backward_kernels(self.model):
             loss = self._loss(data)
             if not loss.requires_grad:
                 raise ValueError("The loss does not depend on the parameters (no autograd graph).")
