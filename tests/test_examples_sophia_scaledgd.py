@@ -46,5 +46,5 @@ def test_scaled_gd_reproduction_fast(tmp_path):
         its = [sgd[(name, k)] for k in (1, 5, 10, 20)]
         assert None not in its and max(its) <= 1.15 * min(its), res["table"]
         assert gd[(name, 20)] is None  # GD does not reach 1e-10 within 400 iterations at kappa = 20
-    for kappa, a, b, _ in res["overparameterized"]:
+    for kappa, a, b, *_ in res["overparameterized"]:
         assert a is not None and b is None, res["overparameterized"]
