@@ -31,14 +31,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
+if str(ROOT) not in sys.path:  # run as a script: import this checkout's packages, not an installed copy
+    sys.path.insert(0, str(ROOT))
 SECTIONS = ("lazy_newton", "cubic", "sophia", "scaled_gd", "gns", "eos")
 
 
 def _load(name: str):
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     spec = importlib.util.spec_from_file_location(f"_repro_{name}", EXAMPLES / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
 
