@@ -55,14 +55,14 @@ SETTINGS = {
 }
 
 
-def run_tong_figure2(setting: str, truth: str = "authors") -> dict:
-    """Sensing and completion panels; returns curves and ``table`` rows
+def run_tong_figure2(setting: str, truth: str = "authors", problems=("sensing", "completion")) -> dict:
+    """Sensing and/or completion panels; returns curves and ``table`` rows
     ``(problem, kappa, scaledgd_its, gd_its, scaledgd_s, gd_s)`` (``None`` = not reached)."""
     cfg = SETTINGS[setting]
     rfl = truth == "authors"
     tol, maxiter = cfg["tol"], cfg["maxiter"]
     curves, table = {"sensing": {}, "completion": {}}, []
-    for name in ("sensing", "completion"):
+    for name in problems:
         for kappa in KAPPAS:
             if name == "sensing":
                 c = cfg["sensing"]
@@ -146,13 +146,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--truth", choices=("authors", "independent"), default=None,
                     help="authors: V* = U* as in MS.m/MC.m (default for --setting paper); independent: V* drawn "
                          "separately (default otherwise)")
+    ap.add_argument("--problems", default="sensing,completion,overparameterized",
+                    help="comma-separated panels to run (default all three); the JSON holds the ones run")
     ap.add_argument("--out", default="out")
     args = ap.parse_args(argv)
+    problems = tuple(p for p in args.problems.split(",") if p)
+    bad = set(problems) - {"sensing", "completion", "overparameterized"}
+    if bad:
+        ap.error(f"unknown panel(s) {sorted(bad)}; choose from sensing, completion, overparameterized")
     setting = "fast" if args.fast else "paper" if args.paper else args.setting
     truth = args.truth or ("authors" if setting == "paper" else "independent")
     torch.set_num_threads(1)
-    fig2 = run_tong_figure2(setting, truth)
-    over = run_overparameterized(setting)
+    fig2 = run_tong_figure2(setting, truth, tuple(p for p in problems if p != "overparameterized"))
+    over = run_overparameterized(setting) if "overparameterized" in problems else {"curves": {}, "rows": []}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _plot(setting, fig2, over, out / "scaled_gd_reproduction.png")
@@ -167,7 +173,7 @@ def main(argv=None) -> dict:
           f"  (to {cfg['over']['tol']:g})")
     for kappa, a, b, ea, eb in over["rows"]:
         print(f"{'PSD':11s} {kappa:5d} {str(a):>12s} {str(b):>8s} {ea:11.2e} {eb:9.2e}")
-    result = {"setting": setting, "truth": truth, "config": {k: v for k, v in cfg.items()},
+    result = {"setting": setting, "truth": truth, "problems": list(problems), "config": {k: v for k, v in cfg.items()},
               "table": fig2["table"], "overparameterized": over["rows"]}
     with open(out / "scaled_gd.json", "w") as f:
         json.dump(result, f, indent=1)
