@@ -138,9 +138,9 @@ def test_full_adam_adaptive_edge_of_stability(tmp_path):
 
 @pytest.mark.slow
 def test_full_tanh_authors_init_period_two_sampling_bias():
-    """Measured every step from the authors' initialisation, the post-onset sharpness alternates between
-    two levels (period 2), so sampling only even steps (``every=10``) sees one level and biases the median;
-    the reported band spans both phases."""
+    """Measured every step from the authors' initialisation (lr = 0.4), the post-onset sharpness differs
+    between even and odd steps (period 2), so sampling only even steps (``every=10``) follows the even
+    phase and biases the median (here by under 1 %); the reported band spans both phases."""
     res = run_edge_of_stability(problem="tanh", lrs=(0.4,), init="authors", out_dir=None)
     (run,) = res.runs
     _check_eos(run)
@@ -148,7 +148,8 @@ def test_full_tanh_authors_init_period_two_sampling_bias():
     assert len(post) == 3001 - run.onset  # every step
     even = torch.tensor([h["ratio"] for h in post if h["step"] % 2 == 0], dtype=torch.float64)
     odd = torch.tensor([h["ratio"] for h in post if h["step"] % 2 == 1], dtype=torch.float64)
-    assert abs(float(even.median()) - float(odd.median())) > 0.02
+    # measured (float64, deterministic): even-step median 1.039, odd-step 1.031, all steps 1.035
+    assert abs(float(even.median()) - float(odd.median())) > 0.004
     every10 = torch.tensor([h["ratio"] for h in post if h["step"] % 10 == 0], dtype=torch.float64)
     # every 10th step is an even step: its median is the even phase's, not the run's
     assert abs(float(every10.median()) - float(even.median())) < abs(float(every10.median()) - float(odd.median()))
