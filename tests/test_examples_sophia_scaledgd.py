@@ -47,17 +47,3 @@ def test_sophia_char_lm_fast(tmp_path):
         assert reach == first
     # the recipe refreshed the curvature after iterations 10, 20, ..., 50 (not before the first step)
     assert res["runs"]["sophia"][res["best"]["sophia"]][0]["curvature_updates"] == 5
-
-
-def test_scaled_gd_reproduction_fast(tmp_path):
-    ex = _load("scaled_gd_reproduction")
-    res = ex.main(["--fast", "--out", str(tmp_path)])
-    assert (tmp_path / "scaled_gd_reproduction.png").stat().st_size > 10_000
-    sgd = {(name, k): a for name, k, a, b, *_ in res["table"]}
-    gd = {(name, k): b for name, k, a, b, *_ in res["table"]}
-    for name in ("sensing", "completion"):
-        its = [sgd[(name, k)] for k in (1, 5, 10, 20)]
-        assert None not in its and max(its) <= 1.15 * min(its), res["table"]
-        assert gd[(name, 20)] is None  # GD does not reach 1e-10 within 400 iterations at kappa = 20
-    for kappa, a, b, _ in res["overparameterized"]:
-        assert a is not None and b is None, res["overparameterized"]
