@@ -46,7 +46,8 @@ def check_int(value: object, name: str, minimum: int | None = 1, maximum: int | 
         raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
     v = int(value)
     if minimum is not None and v < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {v}.")
+        need = "a positive integer" if minimum == 1 else f">= {minimum}"
+        raise ValueError(f"{name} must be {need}, got {v}.")
     if maximum is not None and v > maximum:
         raise ValueError(f"{name} must be <= {maximum}, got {v}.")
     return v

@@ -139,6 +139,10 @@ def test_integer_and_seed_arguments_are_validated():
         top_eigenvalues(op, 1, seed=True)
     with pytest.raises(ValueError, match=r"seed must lie in"):
         spectral_density(op, 2, 5, seed=2**70)
+    from estimators import sharpness
+
+    with pytest.raises(TypeError, match="k must be an integer"):
+        sharpness(op, k=2.7)
     # integer-valued numpy / torch seeds are integers
     a = hutchinson_trace(op, 8, seed=np.int64(3))
     b = hutchinson_trace(op, 8, seed=torch.tensor(3))
