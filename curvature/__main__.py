@@ -195,7 +195,7 @@ def _spectrum_parser(prog: str = "curvature spectrum") -> argparse.ArgumentParse
                    help="move model and data here (e.g. cuda, cuda:1, cpu); default: leave them where "
                         "they are (built-in problem: cpu)")
     p.add_argument("--dtype", default=None, choices=sorted(_DTYPES),
-                   help="convert model and floating data to this dtype (default: leave as is)")
+                   help="convert model and floating data to this dtype (default: leave as is); float16 / bfloat16 products are accurate to about 1e-3 / 1e-2 relative, so pass a --tol above that (a tighter one reports converged=false with a warning)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads on the CPU (default: 1, which measured fastest for small "
                         "and medium models and on shared machines; raise it for large models on an idle CPU)")

@@ -172,12 +172,12 @@ class GGNOperator(EmpiricalRiskOperator):
                     raise
                 return self._apply(self._fall_back_to_reverse(state), V, idx)
             W = lam.matmat(JV)
-            out = torch.empty_like(V)
+            out_t = torch.empty(V.shape[1], V.shape[0], dtype=V.dtype, device=V.device)
             for c in range(V.shape[1]):
                 res = torch.autograd.grad(z, inputs, grad_outputs=W[c], retain_graph=True, allow_unused=True)
-                out[:, c] = torch.cat([torch.zeros(p.numel(), dtype=V.dtype, device=V.device) if r is None
-                                       else r.reshape(-1) for r, p in zip(res, inputs)])
-            return out
+                torch.cat([torch.zeros(p.numel(), dtype=V.dtype, device=V.device) if r is None
+                           else r.reshape(-1) for r, p in zip(res, inputs)], out=out_t[c])
+            return out_t.T.contiguous()
         shapes = [leaves[i].shape for i in idx]
         inputs = [leaves[i] for i in idx]
         rows = [j for j, i in enumerate(idx) if i in used]  # parameters that influence the output
@@ -196,14 +196,17 @@ class GGNOperator(EmpiricalRiskOperator):
                     else r.reshape(k, -1) for r, p in zip(res, inputs)]
             return torch.cat(cols, dim=1).T.contiguous()
         # J v through the graph of J^T u (double-vjp trick), then Lambda, then J^T w
+        # contiguous per-column gradient inputs (strided views of V slow the backward)
+        Vt = V.T.contiguous()
+        cols_in = [unflatten(Vt[c], shapes) for c in range(k)]
         JV = torch.stack([
-            torch.autograd.grad(outputs, u, grad_outputs=[pieces[j][..., c] for j in rows], retain_graph=True)[0]
+            torch.autograd.grad(outputs, u, grad_outputs=[cols_in[c][j] for j in rows], retain_graph=True)[0]
             for c in range(k)
         ])
         W = lam.matmat(JV)
-        out = torch.empty_like(V)
+        out_t = torch.empty(k, V.shape[0], dtype=V.dtype, device=V.device)
         for c in range(k):
             res = torch.autograd.grad(z, inputs, grad_outputs=W[c], retain_graph=True, allow_unused=True)
-            out[:, c] = torch.cat([torch.zeros(p.numel(), dtype=V.dtype, device=V.device) if r is None
-                                   else r.reshape(-1) for r, p in zip(res, inputs)])
-        return out
+            torch.cat([torch.zeros(p.numel(), dtype=V.dtype, device=V.device) if r is None
+                       else r.reshape(-1) for r, p in zip(res, inputs)], out=out_t[c])
+        return out_t.T.contiguous()

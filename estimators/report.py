@@ -52,6 +52,7 @@ from torch import Tensor, nn
 import curvature
 from curvature import CallableOperator, LinearOperator
 
+from ._validate import SEED_RANGE, check_int, check_seed, check_tolerance
 from .density import spectral_density
 from .eigen import top_eigenvalues
 from .results import EigenResult
@@ -440,15 +441,16 @@ def spectrum_report(
         raise ValueError(f"Unknown operator {operator!r}; choose one of {OPERATORS}.")
     if trace_method not in TRACE_METHODS:
         raise ValueError(f"Unknown trace_method {trace_method!r}; choose one of {TRACE_METHODS}.")
-    for name, value in (("top_k", top_k), ("num_probes", num_probes), ("slq_probes", slq_probes),
-                        ("lanczos_steps", lanczos_steps)):
-        if int(value) < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value}.")
+    top_k, num_probes = check_int(top_k, "top_k"), check_int(num_probes, "num_probes")
+    slq_probes, lanczos_steps = check_int(slq_probes, "slq_probes"), check_int(lanczos_steps, "lanczos_steps")
+    tol = check_tolerance(tol, "tol")
     min_probes = {"hutchinson": 2, "hutch++": 4, "xtrace": 4}[trace_method]
     if int(num_probes) < min_probes:
         raise ValueError(f"num_probes must be >= {min_probes} for trace_method={trace_method!r} "
                          f"(a standard error needs at least two samples), got {num_probes}.")
-    seed = int(seed)
+    seed = check_seed(seed)
+    if seed + 2 > SEED_RANGE[1]:
+        raise ValueError(f"seed must be <= 2**64 - 3 (the density stage uses seed + 2), got {seed}.")
     seeds = {"eigen": seed, "trace": seed + 1, "density": seed + 2}
     if operator == "fisher-mc":
         seeds["fisher_mc_labels"] = seed

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from curvature import CallableOperator, DiagonalOperator, LinearOperator
 
+from ._validate import check_int
 from .eigen import top_eigenvalues
 
 __all__ = [
@@ -120,9 +121,11 @@ def _top(op: LinearOperator, k: int, v0, tol: float, seed: int | None, max_matve
     """
     if not op.is_symmetric:
         raise ValueError(f"Sharpness needs a symmetric operator; {type(op).__name__} is not marked symmetric.")
-    if int(guard) < 0:
+    k = check_int(k, "k")
+    guard = check_int(guard, "guard", minimum=None)
+    if guard < 0:
         raise ValueError(f"guard must be >= 0, got {guard}.")
-    kk = min(int(k) + int(guard), op.shape[0])
+    kk = min(k + guard, op.shape[0])
     shift = abs(float(scale)) if guard > 0 and scale is not None and math.isfinite(float(scale)) else 0.0
     A = op.damped(shift) if shift > 0 else op
     before = counter.num_matvecs
