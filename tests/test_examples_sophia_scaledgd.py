@@ -1,4 +1,4 @@
-"""Run the Sophia and ScaledGD examples (in-process, --fast) and check what they report."""
+"""Run the Sophia example (in-process, --fast) and check what it reports (ScaledGD: tests/test_reproductions.py)."""
 
 from __future__ import annotations
 
