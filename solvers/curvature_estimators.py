@@ -54,14 +54,12 @@ def rademacher(shape: Sequence[int], *, generator: torch.Generator, dtype: torch
 def _double_backward_kernels(model: nn.Module | None):
     """Context for a forward pass that will be differentiated twice (Hutchinson's HVPs).
 
-    ``curvature.kernels.derivative_kernels(model)`` (written in parallel; it makes
-    fused attention double-differentiable) when it exists, else a no-op.  The lead
-    wires it here, in one place.
+    :func:`curvature.kernels.derivative_kernels`: math attention, no fused fast paths,
+    unfused weight norm (a loss closure that builds its own forward gets it only when the
+    estimator knows the model).
     """
-    try:
-        from curvature.kernels import derivative_kernels  # type: ignore[import-not-found]
-    except ImportError:
-        return contextlib.nullcontext()
+    from curvature.kernels import derivative_kernels
+
     return contextlib.nullcontext() if model is None else derivative_kernels(model)
 
 
@@ -172,11 +170,13 @@ class HutchinsonEstimator(DiagonalCurvatureEstimator):
     def _loss(self, data) -> Tensor:
         if callable(data):
             loss = data()
-        elif isinstance(data, (tuple, list)) and len(data) == 2:
+        elif isinstance(data, (tuple, list, dict)) and len(data) >= 2 or isinstance(data, dict):
             if self.model is None or self.loss_fn is None:
                 raise ValueError("A batch (X, y) needs HutchinsonEstimator(model, loss_fn); "
                                  "otherwise pass a closure returning the loss.")
-            loss = self.loss_fn(self.model(data[0]), data[1])
+            from ._flat_params import batch_loss
+
+            loss = batch_loss(self.model, self.loss_fn, data)
         else:
             raise TypeError("Hutchinson data must be a loss closure, a batch (X, y) or a LinearOperator, "
                             f"got {type(data).__name__}.")
