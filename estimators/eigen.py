@@ -472,13 +472,15 @@ def top_eigenvalues(
     rounding = measured_rounding(F[:m, :m], n, dtype, anorm)
     floor = max(2 * rounding, floor_rel * anorm)
     conv_thr, stop_thr = _thresholds(th, theta, tol, eps, anorm, rounding, floor, criterion, res)
-    conv = (conv_thr > 0) & (res <= (torch.maximum(conv_thr, stop_thr) if m == n else conv_thr))
+    # an exactly zero residual with zero rounding (e.g. the zero operator) is exact
+    exact = (res == 0) & (rounding == 0)
+    conv = ((conv_thr > 0) & (res <= (torch.maximum(conv_thr, stop_thr) if m == n else conv_thr))) | exact
     if verify and kk == k and k < n and bool(conv.all()):
         th, X, res, theta = _verify_multiplicities(
             op, which, th, X, (Ys.T @ Wt[:m]).T, theta, tol=tol, criterion=criterion,
             budget=budget - (op.num_matvecs - before), gen=gen, max_basis=max_basis)
         conv_thr, _ = _thresholds(th, theta, tol, eps, anorm, rounding, floor, criterion, res)
-        conv = res <= conv_thr
+        conv = ((conv_thr > 0) & (res <= conv_thr)) | ((res == 0) & (rounding == 0))
     if kk < k or not bool(conv.all()):
         unattainable = bool(((conv_thr < floor) & ~conv).any()) and op.num_matvecs - before < budget
         rel, frel = rounding / max(anorm, 1e-300), floor / max(anorm, 1e-300)
