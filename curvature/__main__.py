@@ -188,7 +188,9 @@ def _spectrum_parser(prog: str = "curvature spectrum") -> argparse.ArgumentParse
     p.add_argument("--slq-probes", type=int, default=None, help="probes of the spectral density [8; --fast: 4]")
     p.add_argument("--lanczos-steps", type=int, default=None,
                    help="Lanczos steps per density probe [80; --fast: 30]")
-    p.add_argument("--tol", type=float, default=1e-6, help="relative residual tolerance of the eigenpairs")
+    p.add_argument("--tol", type=float, default=None,
+                   help="relative residual tolerance of the eigenpairs (default by dtype: 1e-6 float64, "
+                        "1e-5 float32, 3e-2 bfloat16/float16)")
     p.add_argument("--seed", type=int, default=0, help="base seed of the estimators")
     p.add_argument("--out", default="spectrum_report", help="output directory")
     p.add_argument("--device", default=None,

@@ -57,7 +57,7 @@ from torch import Tensor
 
 from curvature import ConvergenceWarning, LinearOperator
 
-from ._precision import measured_rounding, product_rounding, unit_roundoff, working_dtype
+from ._precision import default_tolerance, measured_rounding, product_rounding, unit_roundoff, working_dtype
 from ._probes import check_square, make_generator
 from ._validate import check_int, check_tolerance
 from .lanczos import eigh_small as _eigh_small
@@ -228,7 +228,7 @@ def top_eigenvalues(
     k: int = 1,
     which: str = "LA",
     *,
-    tol: float = 1e-6,
+    tol: float | None = None,
     max_matvecs: int | None = None,
     v0: Tensor | None = None,
     seed: int | None = None,
@@ -245,7 +245,9 @@ def top_eigenvalues(
         k: number of eigenpairs, ``1 <= k <= n``.
         which: ``"LA"`` largest algebraic (default), ``"SA"`` smallest algebraic,
             ``"LM"`` largest magnitude.
-        tol: relative residual tolerance (see the module docstring for the exact test).
+        tol: relative residual tolerance (see the module docstring for the exact test);
+            default (``None``) by dtype: 1e-6 float64, 1e-5 float32, 3e-2 bfloat16/float16
+            (:func:`estimators._precision.default_tolerance`).
             ``tol = 1e-6`` gives eigenvalues to ~1e-6 relative in the worst case
             (``|theta - lambda| <= r``) and ~``tol^2 |theta| / relgap`` typically.
         max_matvecs: product budget (default ``max(1000, 20 max_basis)``); if it runs
@@ -299,7 +301,7 @@ def top_eigenvalues(
     k = check_int(k, "k", minimum=None)
     if k < 1 or k > n:
         raise ValueError(f"k must satisfy 1 <= k <= n = {n}, got k = {k}.")
-    tol = check_tolerance(tol, "tol")
+    tol = check_tolerance(default_tolerance(op.dtype) if tol is None else tol, "tol")
     if criterion not in ("residual", "eigenvalue"):
         raise ValueError(f"Unknown criterion={criterion!r}; use 'residual' or 'eigenvalue'.")
     b = check_int(block_size, "block_size")
@@ -513,7 +515,7 @@ def power_iteration(
     op: LinearOperator,
     k: int = 1,
     *,
-    tol: float = 1e-6,
+    tol: float | None = None,
     max_iters: int = 1000,
     v0: Tensor | None = None,
     seed: int | None = None,
@@ -534,7 +536,7 @@ def power_iteration(
     Args:
         op: symmetric operator ``[n, n]``.
         k: number of pairs (``1 <= k <= n``).
-        tol: relative residual tolerance.
+        tol: relative residual tolerance (default by dtype, as for :func:`top_eigenvalues`).
         max_iters: product limit per pair.
         v0: start vector ``[n]`` or ``[n, k]`` (one column per pair).
         seed, generator: randomness for the start vectors.
@@ -548,7 +550,7 @@ def power_iteration(
     k = check_int(k, "k", minimum=None)
     if k < 1 or k > n:
         raise ValueError(f"k must satisfy 1 <= k <= n = {n}, got k = {k}.")
-    tol = check_tolerance(tol, "tol")
+    tol = check_tolerance(default_tolerance(op.dtype) if tol is None else tol, "tol")
     max_iters = check_int(max_iters, "max_iters")
     gen, seed_used = make_generator(seed, generator, op.device)
     dtype, device = op.dtype, op.device
