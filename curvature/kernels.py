@@ -240,7 +240,7 @@ def forward_mode_verified(model: nn.Module, mode: str = "eval") -> bool:
 
 
 # ------------------------------------------------------------------ error translation
-class MissingDerivativeError(RuntimeError):
+class MissingDerivativeError(NotImplementedError):
     """PyTorch lacks a derivative the requested product needs; the message names the op.
 
     Attributes:

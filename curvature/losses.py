@@ -606,10 +606,12 @@ class AutogradOutputHessian:
         except RuntimeError as err:
             if "derivative for" not in str(err) or "not implemented" not in str(err):
                 raise
-            raise NotImplementedError(
+            from .kernels import MissingDerivativeError
+
+            raise MissingDerivativeError(
                 f"{self.name} has no second derivative in PyTorch ({str(err).split(chr(10))[0]}), and the GGN / "
                 "Hessian need one. Use FisherOperator(kind='empirical'), or write the loss with ordinary "
-                "differentiable torch operations."
+                "differentiable torch operations.", op=self.name, kind="second",
             ) from err
         return torch.stack([torch.zeros_like(V[0]) if c is None else c for c in cols])
 
