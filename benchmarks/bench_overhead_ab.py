@@ -2,7 +2,7 @@
 
 Setup:  git archive 79e2a19 | tar -x -C /tmp/dataloop_base
         cp -r /tmp/dataloop_base/curvature /tmp/dataloop_basepkg/curvature_base
-Run from the worktree root:  python notes/bench_overhead_ab.py
+Run from the worktree root:  python benchmarks/bench_overhead_ab.py
 """
 import statistics
 import sys as _sys

@@ -1,6 +1,6 @@
 """Per-product overhead of the operator loop vs plain torch, and the data-fingerprint cost.
 
-Run from the worktree root:  python notes/bench_dataloop.py
+Run from the worktree root:  python benchmarks/bench_dataloop.py
 Interleaved repeats, medians; ratios against plain torch measured in the same run.
 """
 import statistics

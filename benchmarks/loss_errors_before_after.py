@@ -1,6 +1,6 @@
 """Relative error against dense double-backward truth of issue 11's items 2, 3, 5, 7, for one code tree.
 
-    python notes/loss_errors_before_after.py /path/to/tree   # e.g. a `git archive 79e2a19` export, or .
+    python benchmarks/loss_errors_before_after.py /path/to/tree   # e.g. a `git archive 79e2a19` export, or .
 """
 import sys
 
