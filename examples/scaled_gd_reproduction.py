@@ -123,6 +123,8 @@ def _plot(setting: str, fig2: dict, over: dict, path: Path) -> None:
     panels = [("sensing", fig2["curves"]["sensing"]), ("completion", fig2["curves"]["completion"]),
               ("overparameterized", over["curves"])]
     for ax, (name, cs) in zip(axes, panels):
+        if not cs:
+            ax.text(0.5, 0.5, f"{name}: not run (see --problems)", ha="center", va="center", transform=ax.transAxes)
         for kappa, (s_err, g_err) in cs.items():
             lab = "ScaledGD(λ)" if name == "overparameterized" else "ScaledGD"
             ax.semilogy(s_err, color=colors[kappa], label=f"{lab} κ={kappa}")
@@ -132,7 +134,8 @@ def _plot(setting: str, fig2: dict, over: dict, path: Path) -> None:
         ax.set_ylabel("relative error")
         ax.set_ylim(1e-15 if name != "overparameterized" else 1e-10, 10)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, ncol=2)
+        if cs:
+            ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
