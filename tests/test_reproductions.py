@@ -159,8 +159,19 @@ def test_sophia_section_reads_its_json_or_says_it_is_missing():
     repro = _load("reproductions")
     s = repro.section_sophia(None)
     assert s.missing and "sophia.json" in s.missing and not s.passed
-    s = repro.section_sophia({"setting": "char LM", "adamw_steps": 300, "sophia_steps": 150})
-    assert s.missing is None and "- adamw_steps: 300" in s.lines and s.setting == "char LM"
+    def record(adamw_steps, sophia_steps):
+        return {"setting": {"n_layer": 3, "n_embd": 96, "steps": 300, "batch": 16, "block": 48, "seeds": 2},
+                "target_val_loss": 0.65,
+                "summary": {"adamw": {"lr": 6e-3, "final_val_loss_mean": 0.6, "final_val_loss_std": 0.01,
+                                      "steps_to_target": adamw_steps},
+                            "sophia": {"lr": 1.5e-3, "final_val_loss_mean": 0.7, "final_val_loss_std": 0.01,
+                                       "steps_to_target": sophia_steps, "final_win_rate": 0.03}}}
+
+    s = repro.section_sophia(record([300, 200], [None, 280]))  # Sophia misses the target on one seed
+    assert s.missing is None and not s.passed and "3-layer" in s.setting
+    assert "| sophia | 0.0015 | 0.700 +- 0.010 | not reached, 280 |" in s.lines
+    assert repro.section_sophia(record([300, 200], [120, 130])).passed  # 125 <= 0.6 * 250: the claim holds
+    assert not repro.section_sophia(record([300, 200], [200, 200])).passed
 
 
 def test_report_rejects_unknown_sections(tmp_path):
