@@ -1,7 +1,7 @@
 """Sophia's training-step time against torch.optim.AdamW on the same model, in the same run.
 
-Model: the 2-layer, d_model = 64 character transformer of examples/sophia_char_lm.py (batch
-32 x 64 tokens).  One "step" = zero_grad + forward + backward + grad clipping + optimizer
+Model: the GPT-2-style character model of examples/sophia_char_lm.py at 2 layers, d_model = 64
+(batch 32 x 64 tokens).  One "step" = zero_grad + forward + backward + grad clipping + optimizer
 step; for Sophia also the curvature refresh every k = 10 steps (GNB: one extra forward +
 backward with sampled labels; Hutchinson: one gradient with graph + one HVP), so the
 average over k consecutive steps is the honest per-step cost.  Blocks of 2k steps are
@@ -38,7 +38,7 @@ def _example():
 
 def make(name, ex, V, k):
     torch.manual_seed(0)
-    model = ex.CharTransformer(V)
+    model = ex.GPT(ex.GPTConfig(vocab_size=V, block_size=64, n_layer=2, n_head=4, n_embd=64))
     if name == "adamw":
         return model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, foreach=True)
     if name == "adamw-single":
@@ -59,7 +59,7 @@ def block_time(model, opt, batches):
     t0 = time.perf_counter()
     for X, Y in batches:
         opt.zero_grad(set_to_none=True)
-        ex_loss = F.cross_entropy(model(X).reshape(-1, model.head.out_features), Y.reshape(-1))
+        ex_loss = F.cross_entropy(model(X).reshape(-1, model.lm_head.out_features), Y.reshape(-1))
         ex_loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         if isinstance(opt, Sophia):
@@ -91,7 +91,7 @@ def main(argv=None):
     med = {n: statistics.median(v) for n, v in times.items()}
     base = med["adamw"]
     lines = [
-        f"Model: char transformer, 2 layers, d_model 64, {sum(p.numel() for p in setups['adamw'][0].parameters())} params, "
+        f"Model: char GPT (tied embeddings, no biases), 2 layers, d_model 64, {sum(p.numel() for p in setups['adamw'][0].parameters())} params, "
         f"batch 32 x 64 tokens, k = {args.k}; torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{args.threads} thread(s); median over {args.repeats} interleaved blocks of {2 * args.k} steps.",
         "",

@@ -12,6 +12,7 @@ from .linear_operator import (
     InverseOperator,
     LinearOperator,
 )
+from .batches import BatchAdapter
 from .params import flatten, unflatten
 from .structured import (
     BlockDiagonalOperator,
@@ -20,13 +21,17 @@ from .structured import (
     DiagonalOperator,
 )
 from . import losses
+from .losses import MeanDenominatorError, TokenCrossEntropyLoss
 from .backpack import ggn_diagonal, hessian_diagonal
 from .kfac import kfac
 from .kronecker import KFACOperator, KroneckerOperator
+from .ekfac import EKFACBlock, EKFACOperator, ekfac
 from .blocks import block_diagonal, parameter_groups
 from .fisher import FisherOperator
 from .ggn import GGNOperator
 from .hessian import HessianOperator
+from .finite_difference import FiniteDifferenceHessianOperator
+from . import distributed
 
 __version__ = "0.1.0"
 
@@ -42,17 +47,25 @@ __all__ = [
     "ConvergenceWarning",
     "CGResult",
     "conjugate_gradient",
+    "BatchAdapter",
     "flatten",
     "unflatten",
     "HessianOperator",
+    "FiniteDifferenceHessianOperator",
+    "distributed",
     "GGNOperator",
     "FisherOperator",
     "block_diagonal",
     "parameter_groups",
     "losses",
+    "TokenCrossEntropyLoss",
+    "MeanDenominatorError",
     "ggn_diagonal",
     "hessian_diagonal",
     "kfac",
     "KroneckerOperator",
     "KFACOperator",
+    "ekfac",
+    "EKFACOperator",
+    "EKFACBlock",
 ]

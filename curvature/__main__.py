@@ -188,14 +188,16 @@ def _spectrum_parser(prog: str = "curvature spectrum") -> argparse.ArgumentParse
     p.add_argument("--slq-probes", type=int, default=None, help="probes of the spectral density [8; --fast: 4]")
     p.add_argument("--lanczos-steps", type=int, default=None,
                    help="Lanczos steps per density probe [80; --fast: 30]")
-    p.add_argument("--tol", type=float, default=1e-6, help="relative residual tolerance of the eigenpairs")
+    p.add_argument("--tol", type=float, default=None,
+                   help="relative residual tolerance of the eigenpairs (default by dtype: 1e-6 float64, "
+                        "1e-5 float32, 3e-2 bfloat16/float16)")
     p.add_argument("--seed", type=int, default=0, help="base seed of the estimators")
     p.add_argument("--out", default="spectrum_report", help="output directory")
     p.add_argument("--device", default=None,
                    help="move model and data here (e.g. cuda, cuda:1, cpu); default: leave them where "
                         "they are (built-in problem: cpu)")
     p.add_argument("--dtype", default=None, choices=sorted(_DTYPES),
-                   help="convert model and floating data to this dtype (default: leave as is)")
+                   help="convert model and floating data to this dtype (default: leave as is); float16 / bfloat16 products are accurate to about 1e-3 / 1e-2 relative, so pass a --tol above that (a tighter one reports converged=false with a warning)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads on the CPU (default: 1, which measured fastest for small "
                         "and medium models and on shared machines; raise it for large models on an idle CPU)")

@@ -34,9 +34,11 @@ per-batch product.  :class:`EmpiricalRiskOperator` owns that sum:
 * Host syncs: a product pass reads the data fingerprints back once, at its end
   (float64 reductions stay on the device meanwhile).
 
-Scaling out: a data-parallel reduction belongs in :class:`BatchLoop` and
-:meth:`EmpiricalRiskOperator._block_products` (``torch.distributed.all_reduce`` of the
-accumulated product and of ``N`` across ranks holding data shards), and memory chunking
+Scaling out: the data-parallel reduction (``process_group=``, see
+:mod:`curvature.distributed`) sits in :class:`BatchLoop` (``N``, batches and mean
+denominators summed over ranks at construction, global batch indices) and around the
+passes of :meth:`EmpiricalRiskOperator._block_products` and ``loss_and_gradient`` (one
+``all_reduce`` of the accumulated result per pass); memory chunking
 (splitting a large batch into micro-batches, or the columns of a block) belongs in
 :meth:`EmpiricalRiskOperator._block_products`.  Nothing else loops over data
 (``curvature.backpack`` iterates a :class:`BatchLoop` too).
@@ -45,16 +47,21 @@ accumulated product and of ``N`` across ranks holding data shards), and memory c
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .batches import BatchAdapter, ModelInputs, tensor_leaves, to_device
+from . import distributed
+from .kernels import derivative_kernels, refuse_once_differentiable
 from .linear_operator import LinearOperator
-from .losses import loss_reduction, mean_denominator
+from .losses import MeanDenominatorError, loss_reduction, mean_denominator
 from .params import unflatten
 
-__all__ = ["EmpiricalRiskOperator", "BatchLoop", "resolve_params", "model_state", "check_loss"]
+__all__ = ["EmpiricalRiskOperator", "BatchLoop", "resolve_params", "model_state", "check_loss", "forward"]
 
 
 # ----------------------------------------------------------------------------- params
@@ -130,19 +137,28 @@ def _dropout_modules(model: nn.Module) -> list[str]:
 
 @contextlib.contextmanager
 def model_state(model: nn.Module, mode: str):
-    """Evaluate ``model`` in ``mode`` ("eval" or "train"); restore flags (and buffers in train mode)."""
+    """Evaluate ``model`` in ``mode`` ("eval" or "train"); restore flags (and buffers in train mode).
+
+    ``nn.Embedding(sparse=True)`` modules produce dense gradients meanwhile (the same
+    numbers; curvature products need dense gradient tensors); their flag is restored.
+    """
     flags = [(m, m.training) for m in model.modules()]
+    sparse = [m for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
     saved = None
     if mode == "eval":
         model.eval()
     else:
         saved = [(b, b.detach().clone()) for b in model.buffers()]
         model.train()
+    for m in sparse:
+        m.sparse = False
     try:
         yield
     finally:
         for m, flag in flags:
             m.training = flag
+        for m in sparse:
+            m.sparse = True
         if saved is not None:
             with torch.no_grad():
                 for b, value in saved:
@@ -150,138 +166,377 @@ def model_state(model: nn.Module, mode: str):
                     b.data.copy_(value)
 
 
-def _is_single_batch(data) -> bool:
-    return (
-        isinstance(data, (tuple, list)) and len(data) == 2
-        and isinstance(data[0], Tensor) and isinstance(data[1], Tensor)
-    )
+def _rng_states(cuda_devices: list) -> list[Tensor]:
+    return [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in cuda_devices]
 
 
-def _fingerprint(X: Tensor, y: Tensor) -> Tensor:
-    """``[sum of inputs, sum of |inputs|, sum of targets]`` as a float64 tensor on the batch's device.
+def _set_rng_states(states: list[Tensor], cuda_devices: list) -> None:
+    torch.set_rng_state(states[0])
+    for d, s in zip(cuda_devices, states[1:]):
+        torch.cuda.set_rng_state(s, d)
 
-    Reductions accumulate in float64 (``sum(dtype=...)``, ``vector_norm(..., dtype=...)``)
-    without a float64 copy of the batch, and nothing is read back to the host here: a
-    pass stacks these and reads them once (:meth:`BatchLoop._check_pass`).
+
+def _same_state(a: Tensor, b: Tensor) -> bool:
+    """RNG states equal: compared on the host (no dispatch; inside torch.func transforms, torch.equal)."""
+    try:
+        return np.array_equal(a.numpy(), b.numpy())
+    except RuntimeError:  # under torch.func.jvp / grad the state has no plain storage
+        return bool(torch.equal(a, b))
+
+
+def _cuda_devices(device: torch.device) -> list:
+    return [device] if device.type == "cuda" else []
+
+
+def forward(model: nn.Module, inputs: ModelInputs, adapter: BatchAdapter, device: torch.device,
+            tensors: dict | None = None) -> Tensor:
+    """The prediction of ``model`` on ``inputs``, refusing forwards that draw random numbers.
+
+    The model is called through ``torch.func.functional_call`` with ``tensors`` when given
+    (not modified) and the prediction read by ``adapter``.  If the forward advanced torch's
+    global RNG (CPU, or the CUDA one of ``device``): dropout, attention dropout
+    (``scaled_dot_product_attention(dropout_p>0)``), noise layers, any random module: the
+    RNG is put back and ``ValueError`` is raised, since the curvature would be a random
+    matrix.  Cost: two host copies of the RNG state (5 KB) per forward; no device sync.
+    A module drawing from its own ``torch.Generator`` is not detected.
     """
-    X, y = X.detach(), y.detach()
-    if X.dtype == torch.bool:
-        abs_sum = X.sum(dtype=torch.float64)
-    elif X.is_floating_point():
-        abs_sum = torch.linalg.vector_norm(X, 1, dtype=torch.float64)
-    else:
-        abs_sum = X.abs().sum(dtype=torch.float64)
-    return torch.stack([X.sum(dtype=torch.float64), abs_sum, y.sum(dtype=torch.float64)])
+    cuda = _cuda_devices(device)
+    before = _rng_states(cuda)
+    out = inputs.call(model, tensors)
+    after = _rng_states(cuda)
+    if any(not _same_state(a, b) for a, b in zip(before, after)):
+        _set_rng_states(before, cuda)
+        raise ValueError(
+            "The model's forward draws random numbers from torch's global generator (active dropout, attention "
+            "dropout such as MultiheadAttention(dropout>0) or scaled_dot_product_attention(dropout_p>0) in train "
+            "mode, a noise layer, ...): the curvature would be a random matrix. Use mode='eval' (the default) or "
+            "set every dropout probability to 0."
+        )
+    z = adapter.prediction(out)
+    return z
 
 
-def _same(a: tuple, b: tuple) -> bool:
-    """Fingerprints ``(size, sum, |sum|, target sum)`` agree (sizes exactly, sums to 1e-9 relative)."""
+def _refuse_inference_mode() -> None:
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "Curvature products and gradients need autograd, which torch.inference_mode() disables (tensors "
+            "created in inference mode cannot be differentiated). Call this outside the inference_mode block "
+            "(torch.no_grad() is fine: products re-enable gradients internally)."
+        )
+
+
+def _is_single_batch(data) -> bool:
+    """One batch: a Mapping, or a tuple/list of at least two tensors (otherwise: an iterable of batches)."""
+    if isinstance(data, Mapping):
+        return True
+    return isinstance(data, (tuple, list)) and len(data) >= 2 and all(isinstance(t, Tensor) for t in data)
+
+
+# ---------------------------------------------------------------- data fingerprints
+# A batch's fingerprint: for inputs and for targets, over every tensor t (leaf number l) with
+# rows x_n = t[n].reshape(-1): projections p_n = <r_l, x_n> with fixed pseudo-random r_l, and
+#   [sum_n p_n, sum_n p_n^2, sum_n c_n p_n, sum_n |p_n|]      (c: fixed random position weights)
+# The first two and the last do not depend on the order of examples (summed over batches they
+# do not depend on how examples are split into batches); the third does.
+_FP_WIDTH = 4  # per group (inputs, targets)
+_WEIGHTS: dict[tuple, Tensor] = {}
+
+
+def _weights(length: int, device: torch.device, dtype: torch.dtype, stream: int) -> Tensor:
+    """Fixed weights in [-1, -0.25] u [0.25, 1] of ``length``, the same on every call (cached).
+
+    The weights of a length are a prefix of those of a power of two, generated on the CPU
+    from a fixed seed (the global RNG is not touched) and moved to ``device`` once.
+    """
+    key = (device, dtype, stream, length)
+    w = _WEIGHTS.get(key)
+    if w is None:
+        size = 1 << max(int(length) - 1, 0).bit_length()
+        g = torch.Generator().manual_seed(7919 * stream + size)
+        u = torch.rand(size, generator=g, dtype=torch.float64)[:length]
+        w = torch.where(u < 0.5, -1 + 1.5 * u, 0.25 + 1.5 * (u - 0.5)).to(device=device, dtype=dtype)
+        _WEIGHTS[key] = w
+    return w
+
+
+def _weight_dtype(t: Tensor) -> torch.dtype:
+    """The dtype products with weights are formed in: ``t``'s for float32/64, float32 for half, else float64."""
+    if t.dtype in (torch.float32, torch.float64):
+        return t.dtype
+    return torch.float32 if t.is_floating_point() else torch.float64
+
+
+def _projection(t: Tensor) -> Tensor:
+    """``sum_i r_i t_i`` (float64 scalar on ``t``'s device) with fixed pseudo-random ``r``; no sync.
+
+    Sum-preserving changes (swapped rows, a permutation, a sign flip) change it.  Cost: one
+    elementwise product and one reduction over ``t``.
+    """
+    flat = t.detach().reshape(-1)
+    w = _weights(flat.numel(), t.device, _weight_dtype(t), 0)
+    if t.dtype == torch.float64:
+        return torch.dot(flat, w)
+    return (flat * w).sum(dtype=torch.float64)
+
+
+def _sketch(t: Tensor, stream: int) -> Tensor:
+    """``[sum p, sum p^2, sum c p, sum |p|]`` (float64, on ``t``'s device) of one tensor's rows.
+
+    The elementwise products are formed in ``t``'s floating dtype (float64 for integer and
+    bool data, float32 for half precision) and summed in float64: no float64 copy of a
+    float32 batch.  Cost: about two reads of ``t``; no host sync.
+    """
+    t = t.detach()
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    if t.numel() == 0:
+        return torch.zeros(_FP_WIDTH, dtype=torch.float64, device=t.device)
+    rows = t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1)
+    p = (rows * _weights(rows.shape[1], t.device, _weight_dtype(t), 2 * stream)).sum(1, dtype=torch.float64)
+    c = _weights(rows.shape[0], t.device, torch.float64, 2 * stream + 1)
+    return torch.stack([p, p * p, c * p, p.abs()]).sum(1)
+
+
+def _group_sketch(tensors: list[Tensor], device: torch.device) -> Tensor:
+    parts = [_sketch(t, leaf) for leaf, t in enumerate(tensors)]
+    parts = [p if p.device == device else p.to(device) for p in parts]
+    if not parts:
+        return torch.zeros(_FP_WIDTH, dtype=torch.float64, device=device)
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+
+
+def _fingerprint(inputs: ModelInputs, y, device: torch.device) -> Tensor:
+    """``[inputs' 4 sketch values, targets' 4]`` as a float64 tensor on ``device`` (no host sync).
+
+    A pass stacks these and reads them back once (:meth:`BatchLoop._check_pass`).  The
+    same pass detects NaN / inf in a batch (a non-finite sketch).
+    """
+    return torch.cat([_group_sketch(tensor_leaves((inputs.args, inputs.kwargs)), device),
+                      _group_sketch(tensor_leaves(y), device)])
+
+
+def _close(a: float, b: float, scale: float) -> bool:
+    return abs(a - b) <= 1e-9 * (abs(scale) + 1.0)
+
+
+def _same(a: tuple, b: tuple, positional: bool) -> bool:
+    """Fingerprints ``(size, *8 sketch values)`` agree (sizes exactly, sketches to 1e-9 relative)."""
     if a[0] != b[0]:
         return False
-    tol = 1e-9 * (a[2] + 1.0)
-    return abs(a[1] - b[1]) <= tol and abs(a[2] - b[2]) <= tol and abs(a[3] - b[3]) <= 1e-9 * (abs(a[3]) + 1.0)
+    for g in (1, 1 + _FP_WIDTH):
+        s, sq, pos, ab = a[g:g + _FP_WIDTH]
+        s2, sq2, pos2, ab2 = b[g:g + _FP_WIDTH]
+        if not (_close(s, s2, ab) and _close(sq, sq2, sq) and _close(ab, ab2, ab)):
+            return False
+        if positional and not _close(pos, pos2, ab):
+            return False
+    return True
 
 
-def _read(sizes: list[int], sums: list[Tensor], per_batch: bool) -> list[tuple]:
-    """Host copies of fingerprints: one tuple per batch, or the total (order-invariant); one sync."""
+def _read(sizes: list[int], sums: list[Tensor]) -> list[tuple]:
+    """Host copies of the per-batch fingerprints ``(size, *sketch)``; one sync."""
     if not sums:
-        return [] if per_batch else [(0, 0.0, 0.0, 0.0)]
-    S = torch.stack(sums)
-    if per_batch:
-        return [(n, *row) for n, row in zip(sizes, S.tolist())]
-    return [(sum(sizes), *S.sum(0).tolist())]
+        return []
+    return [(n, *row) for n, row in zip(sizes, torch.stack(sums).tolist())]
+
+
+def _total(fps: list[tuple]) -> tuple:
+    """The order-invariant total of per-batch fingerprints (positional entries are meaningless here)."""
+    if not fps:
+        return (0,) + (0.0,) * (2 * _FP_WIDTH)
+    return (sum(f[0] for f in fps), *[float(math.fsum(col)) for col in list(zip(*fps))[1:]])
+
+
+def _check_finite(fps: list[tuple], first_index: int = 0) -> None:
+    """``ValueError`` naming the first batch whose inputs or targets hold NaN / inf."""
+    for b, fp in enumerate(fps, start=first_index):
+        for g, what in ((1, "inputs"), (1 + _FP_WIDTH, "targets")):
+            if not (math.isfinite(fp[g]) and math.isfinite(fp[g + _FP_WIDTH - 1])):
+                raise ValueError(
+                    f"Batch {b} contains NaN or inf in its {what}: the curvature would be NaN. "
+                    "Clean or filter the data (torch.isfinite) before computing curvature."
+                )
+
+
+class _PrivateRNG:
+    """Runs data-loading calls on a private continuation of torch's global RNG (CPU + ``device``'s CUDA).
+
+    Iterating a DataLoader draws from the global RNG (its base seed, a shuffling sampler,
+    augmentations) even with ``shuffle=False``.  Each call into the data runs with the private
+    state (starting as the caller's state when the pass begins) and puts the caller's state
+    back before returning, so a pass leaves the global RNG as it found it, also when it is
+    abandoned half-way.  Cost: two RNG state copies (5 KB) per batch.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = _cuda_devices(device)
+        self.state = None
+
+    def call(self, fn):
+        caller = _rng_states(self.cuda)
+        if self.state is not None:
+            _set_rng_states(self.state, self.cuda)
+        try:
+            return fn()
+        finally:
+            self.state = _rng_states(self.cuda)
+            _set_rng_states(caller, self.cuda)
+
+
+_DONE = object()
 
 
 class BatchLoop:
     """Passes over ``data`` with the weight of each batch, checking every pass sees the same data.
 
-    Iterating yields ``(batch_index, X, y, weight)`` with ``X, y`` on ``device`` and
-    ``weight = B_b / N`` (``reduction="mean"``) or ``1`` (``"sum"``, or a single batch);
-    a completed pass whose fingerprint differs from the construction scan raises
-    ``RuntimeError``.  This is the one loop over data of the package: a data-parallel
-    ``all_reduce`` across ranks (of the accumulated result and of ``N``) and memory
-    chunking of large batches go here.
+    Iterating yields ``(batch_index, inputs, y, weight)`` with ``inputs`` a
+    :class:`~curvature.batches.ModelInputs` (``model(*inputs.args, **inputs.kwargs)``,
+    ``inputs.batch_size`` examples) and the target ``y``, both on ``device``, read from each
+    batch by ``adapter`` (:class:`~curvature.batches.BatchAdapter`: pairs ``(X, y)``,
+    tuples ``(X1, ..., y)``, Mappings with ``"labels"``), and ``weight = D_b / sum D``
+    (``reduction="mean"``) or ``1`` (``"sum"``, or a single batch).  This is the one loop over
+    data of the package: a data-parallel ``all_reduce`` across ranks (of the accumulated
+    result and of ``N``) and memory chunking of large batches go here.
+
+    Data check (``check=True``): the construction scan and every pass compute a fingerprint
+    of each batch (fixed random projections of every example's inputs and targets, see
+    :func:`_fingerprint`; read back once per pass) and a completed pass that differs raises
+    ``RuntimeError``.  What is compared:
+
+    * ``order_sensitive`` (MC Fisher: sampled labels are tied to positions): every batch in
+      order, including the order of examples inside it;
+    * ``batch_sensitive`` (``mode="train"``: BatchNorm statistics depend on the batch): the
+      collection of batches (any order of batches; a reshuffle of examples across batches
+      is refused, a permutation inside a batch is accepted);
+    * otherwise the data set as a whole (a shuffled loader without ``drop_last`` is accepted).
+
+    Detected: changed values (also sum-preserving ones: a horizontal flip, swapped entries,
+    moved examples), changed batch sizes or counts, NaN / inf (``ValueError`` naming the batch
+    and inputs or targets, also at construction).  Not detected: changes below 1e-9 relative
+    to the batch's scale, changes to non-tensor parts of a batch, and what the accepted
+    reorderings above allow.  Passes leave torch's global RNG as they found it
+    (:class:`_PrivateRNG`).
 
     Args:
-        data: a batch ``(X, y)`` or a re-iterable of batches.
+        data: one batch (a Mapping, or a tuple/list of tensors) or a re-iterable of batches.
         device: where batches go (the parameters' device).
         reduction: ``"mean"``, ``"sum"`` or ``None`` (only allowed for a single batch).
-        order_sensitive: compare every batch in order (MC Fisher) instead of an
-            order-invariant total (a shuffled loader without ``drop_last`` passes).
+        order_sensitive, batch_sensitive: see above.
         check: verify fingerprints (default ``True``).
+        denominator: ``denominator(inputs, y)``, the mean's denominator of a batch
+            (default ``inputs.batch_size``).
+        adapter: a :class:`~curvature.batches.BatchAdapter` (default ``BatchAdapter()``).
+        process_group: a ``torch.distributed`` group whose ranks hold shards (``None``:
+            this process only); ``num_data``, ``num_batches`` and the denominators are
+            then totals over ranks and yielded batch indices global.
+        signature: what every rank's consumer must agree on (checked at construction).
     """
 
     def __init__(self, data, device, reduction: str | None, *, order_sensitive: bool = False,
-                 check: bool = True, denominator=None) -> None:
+                 batch_sensitive: bool = False, check: bool = True, denominator=None,
+                 adapter: BatchAdapter | None = None, process_group=None, signature: str = "") -> None:
         self.data = data
-        self.denominator = denominator if denominator is not None else (lambda X, y: float(X.shape[0]))
+        self.adapter = adapter if adapter is not None else BatchAdapter()
+        if not isinstance(self.adapter, BatchAdapter):
+            raise TypeError(f"adapter must be a curvature.BatchAdapter, got {type(self.adapter).__name__}.")
+        self.denominator = denominator if denominator is not None else (lambda X, y: float(X.batch_size))
         self.device = torch.device(device)
         self.reduction = reduction
         self.order_sensitive = order_sensitive
+        self.batch_sensitive = batch_sensitive
         self.check = check
         self.single = _is_single_batch(data)
         if not self.single and not isinstance(data, Iterable):
             raise TypeError(f"data must be a batch (X, y) or an iterable of batches, got {type(data).__name__}.")
         if not self.single and isinstance(data, Iterator):
             raise TypeError("data is a one-shot iterator; pass a re-iterable (a list or a DataLoader).")
-        sizes, sums, denominators = [], [], []
-        for X, y in self._raw():  # one pass: fingerprints and the mean's denominators
-            sizes.append(int(X.shape[0]))
-            sums.append(_fingerprint(X, y))
-            denominators.append(self.denominator(X, y) if reduction == "mean" else 1.0)
-        if not sizes or sum(sizes) == 0:
+        sizes, sums, denominators, refusal = [], [], [], None
+        # data parallel: N, batches and denominators summed over ranks (curvature.distributed)
+        self.shards = distributed.ShardGroup(process_group)
+        with self.shards.agreement(signature, self.device) as counts:
+            for X, y in self._raw():  # one pass: fingerprints and the mean's denominators
+                sizes.append(X.batch_size)
+                sums.append(_fingerprint(X, y, self.device))
+                try:
+                    denominators.append(self.denominator(X, y) if reduction == "mean" else 1.0)
+                except MeanDenominatorError as err:  # fatal only when batches must be combined
+                    refusal = err
+                    denominators.append(0.0)
+            counts.counts = [sum(sizes), len(sizes), float(sum(denominators))]
+        self.local_num_batches = len(sizes)
+        self.batch_offset = int(counts.before[1])  # global index of this rank's first batch
+        if not counts.totals[0]:
             raise ValueError("data is empty: got no batches (or only empty ones).")
-        if len(sizes) > 1 and reduction is None:
+        if refusal is not None and counts.totals[1] > 1:
+            raise refusal
+        if counts.totals[1] > 1 and reduction is None:
             raise ValueError(
                 "Cannot tell how batch losses combine: loss_fn has no 'reduction' attribute; "
                 "pass reduction='mean' or 'sum'."
             )
-        self.num_data = sum(sizes)
-        self.num_batches = len(sizes)
+        self.num_data = int(counts.totals[0])  # over all ranks
+        self.num_batches = int(counts.totals[1])
         # the mean's total denominator (examples, or non-ignored / class-weighted targets)
-        self.total_denominator = float(sum(denominators))
-        self._batch_fps = _read(sizes, sums, per_batch=True)
-        self._total_fp = _read(sizes, sums, per_batch=False)[0]
+        self.total_denominator = float(counts.totals[2])
+        self._batch_fps = _read(sizes, sums)
+        _check_finite(self._batch_fps)
+        self._total_fp = _total(self._batch_fps)
 
-    def _raw(self) -> Iterable[tuple[Tensor, Tensor]]:
-        for batch in ((self.data,) if self.single else self.data):
-            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-                raise TypeError(
-                    f"Each batch must be a pair (X, y); got {type(batch).__name__}"
-                    f"{' of length %d' % len(batch) if isinstance(batch, (tuple, list)) else ''}."
-                )
-            X, y = batch
-            yield X.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+    def _raw(self) -> Iterable[tuple[ModelInputs, object]]:
+        """``(inputs, target)`` of every batch, on the device; data loading on a private RNG."""
+        if self.single or isinstance(self.data, (tuple, list)):  # no RNG involved
+            batches = iter((self.data,) if self.single else self.data)
+            fetch = lambda: next(batches, _DONE)  # noqa: E731
+        else:
+            rng = _PrivateRNG(self.device)
+            batches = rng.call(lambda: iter(self.data))
+            fetch = lambda: rng.call(lambda: next(batches, _DONE))  # noqa: E731
+        while True:
+            batch = fetch()
+            if batch is _DONE:
+                return
+            inputs, y = self.adapter.split(batch)
+            inputs = ModelInputs(to_device(inputs.args, self.device), to_device(inputs.kwargs, self.device),
+                                 inputs.batch_size)
+            yield inputs, to_device(y, self.device)
 
-    def weight(self, X: Tensor, y: Tensor) -> float:
+    def weight(self, X: ModelInputs, y) -> float:
         """``D_b / sum_b D_b`` for a mean (``D`` = :func:`~curvature.losses.mean_denominator`), else 1."""
-        if self.single or self.reduction == "sum" or self.num_batches == 1:
+        if self.reduction != "mean" or self.num_batches == 1:
             return 1.0
         return self.denominator(X, y) / self.total_denominator if self.total_denominator > 0 else 0.0
 
     def __iter__(self):
+        _refuse_inference_mode()
         checking = self.check and not self.single
         sizes, sums = [], []  # fingerprints stay on the device until the pass ends (one sync per pass)
         for b, (X, y) in enumerate(self._raw()):
             if checking:
-                sizes.append(int(X.shape[0]))
-                sums.append(_fingerprint(X, y))
-            if X.shape[0] == 0:
+                sizes.append(X.batch_size)
+                sums.append(_fingerprint(X, y, self.device))
+            if X.batch_size == 0:
                 continue
             w = self.weight(X, y)
             if w == 0.0:  # nothing to average in this batch (e.g. every target ignored)
                 continue
-            yield b, X, y, w
+            yield b + self.batch_offset, X, y, w
         if checking:
             self._check_pass(sizes, sums)
 
     def _check_pass(self, sizes: list[int], sums: list[Tensor]) -> None:
+        fps = _read(sizes, sums)
+        _check_finite(fps)
+        ref = self._batch_fps
         if self.order_sensitive:
-            fps = _read(sizes, sums, per_batch=True)
-            ok = len(fps) == len(self._batch_fps) and all(_same(a, b) for a, b in zip(fps, self._batch_fps))
+            ok = len(fps) == len(ref) and all(_same(a, b, True) for a, b in zip(fps, ref))
             what = "the same batches in the same order on every pass (its sampled labels are tied to batch positions)"
+        elif self.batch_sensitive:
+            key = lambda f: (f[0], f[1], f[1 + _FP_WIDTH])  # noqa: E731
+            ok = len(fps) == len(ref) and all(_same(a, b, False) for a, b in zip(sorted(fps, key=key),
+                                                                                 sorted(ref, key=key)))
+            what = "the same batches on every pass (mode='train': batch statistics depend on the batch composition)"
         else:
-            ok = _same(_read(sizes, sums, per_batch=False)[0], self._total_fp)
+            ok = _same(_total(fps), self._total_fp, False)
             what = "the same data set on every pass"
         if not ok:
             raise RuntimeError(
@@ -291,32 +546,71 @@ class BatchLoop:
             )
 
 
+class _DifferentiableProducts(torch.autograd.Function):
+    """Block products that autograd differentiates w.r.t. the vectors: ``d(A v)/dv = A`` (``A`` symmetric).
+
+    The operator is a constant here (its parameters are not inputs): the backward pass of a
+    product is one more product with the incoming gradient, so ``H @ v`` with
+    ``v.requires_grad`` keeps ``v``'s graph (and differentiates twice, products all the way).
+    """
+
+    @staticmethod
+    def forward(ctx, op, idxs, *Vs):
+        ctx.op, ctx.idxs = op, idxs
+        with torch.no_grad():
+            return tuple(op._block_products(list(zip(idxs, Vs))))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grads = [torch.zeros_like(g) if g is None else g for g in grads]
+        outs = ctx.op._block_products(list(zip(ctx.idxs, grads)))
+        return (None, None, *outs)
+
+
 class EmpiricalRiskOperator(LinearOperator):
     """Base class: a curvature matrix of ``L(theta) = sum_b w_b loss_fn(model(X_b), y_b)``.
 
     Subclasses implement ``_build_state(X, y, batch_index)`` (whatever the products on
-    one batch reuse, e.g. a gradient graph) and ``_apply_state(state, V, idx)`` (the
-    batch product ``[m, k]`` for ``V`` of shape ``[m, k]``, restricted to the diagonal
-    block of the parameters ``idx``, all of them for ``idx=None``).
+    one batch reuse, e.g. a gradient graph; ``X`` is a :class:`~curvature.batches.ModelInputs`)
+    and ``_apply_state(state, V, idx)`` (the batch product ``[m, k]`` for ``V`` of shape
+    ``[m, k]``, restricted to the diagonal block of the parameters ``idx``, all of them for
+    ``idx=None``).
 
     Args:
-        model: a ``torch.nn.Module`` mapping ``X`` to the output ``z``.
+        model: a ``torch.nn.Module``; called as ``model(*args, **kwargs)`` with the inputs
+            ``adapter`` reads from a batch, its output turned into the loss's prediction by
+            ``adapter`` (tensor, ``.logits``, ``["logits"]``, first tuple entry).
         loss_fn: ``loss_fn(z, y)`` returning a scalar (reduction "mean" or "sum").
-        data: one batch ``(X, y)`` or an iterable of batches (re-iterable: every
-            product makes one pass).
+        data: one batch (``(X, y)``, ``(X1, ..., y)``, a Mapping with ``"labels"``) or an
+            iterable of batches (re-iterable: every product makes one pass).
         params: parameters to differentiate (see :func:`resolve_params`).
         mode: ``"eval"`` (default: running statistics, no dropout) or ``"train"``.
         reduction: only for loss functions without a ``reduction`` attribute and more
             than one batch: how batch losses combine (``"mean"`` or ``"sum"``).
         cache: keep the single-batch state between products (default ``True``).
-        cache_check: how the cache notices parameter changes: ``"checksum"`` (default:
-            identity, ``_version`` and on-device float64 sums, one sync per product;
-            catches writes through ``.data``) or ``"version"`` (identity and
+        cache_check: how the cache notices changes of parameters, buffers and (for a single
+            batch) the batch tensors: ``"checksum"`` (default: identity, ``_version`` and
+            on-device fixed random projections, one sync per product; catches writes
+            through ``.data``, also sum-preserving ones) or ``"version"`` (identity and
             ``_version`` only, no sync).
-        check_data: verify each pass sees the same data (default ``True``).
+        check_data: verify each pass sees the same data (default ``True``; see
+            :class:`BatchLoop` for what is detected).
+        adapter: a :class:`~curvature.batches.BatchAdapter` for other batch / output formats.
+        denominator: ``(inputs, y) -> float``, what the loss's mean divides a batch's sum
+            by, for losses the package does not know (a subclass overriding ``forward``, a
+            custom loss module); ``inputs`` is the batch's
+            :class:`~curvature.batches.ModelInputs` (``.batch_size``, ``.args``, ``.kwargs``)
+            and ``y`` its target.  Default: :func:`curvature.losses.mean_denominator`.
+
+    Products inside ``torch.inference_mode()`` raise ``RuntimeError`` (autograd is off
+    there); under ``torch.no_grad()`` they are computed as usual.  A vector with
+    ``requires_grad`` gives a product differentiable w.r.t. that vector (the matrix is a
+    constant: no gradient flows to the model's parameters).
     """
 
     _order_sensitive = False  # per-batch fingerprints (MC Fisher) instead of a global one
+    _kernel_needs = "all"  # derivatives of the per-batch forward (curvature.kernels.derivative_kernels)
+    _graph_checked = False  # the model's graph was searched for once-differentiable Functions
 
     def __init__(
         self,
@@ -330,14 +624,20 @@ class EmpiricalRiskOperator(LinearOperator):
         cache: bool = True,
         cache_check: str = "checksum",
         check_data: bool = True,
+        adapter: BatchAdapter | None = None,
+        denominator=None,
+        process_group=None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        model, params, group = distributed.prepare(model, data, process_group, params)
         if mode not in ("eval", "train"):
             raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}.")
         if cache_check not in ("checksum", "version"):
             raise ValueError(f"cache_check must be 'checksum' or 'version', got {cache_check!r}.")
         red = check_loss(loss_fn)
+        if denominator is not None and not callable(denominator):
+            raise TypeError(f"denominator must be a callable (X, y) -> float, got {type(denominator).__name__}.")
         if reduction is not None and reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
         if mode == "train" and _dropout_modules(model):
@@ -345,9 +645,18 @@ class EmpiricalRiskOperator(LinearOperator):
                 f"mode='train' with active dropout ({_dropout_modules(model)}) gives a random matrix; "
                 "use mode='eval' (the default) or set dropout p=0."
             )
+        inference = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_inference()]
+        if inference:
+            raise ValueError(
+                f"The model's {inference[:3]}{' ...' if len(inference) > 3 else ''} are inference tensors "
+                "(created under torch.inference_mode()), which autograd cannot differentiate or save for backward. "
+                "Create or load the model outside inference mode, or replace them by clones made outside it: "
+                "model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)."
+            )
         self.model = model
         self.loss_fn = loss_fn
         self.mode = mode
+        self.denominator = denominator
         self.reduction = red if red is not None else reduction
         self.param_names, self.params = resolve_params(model, params)
         p0 = self.params[0]
@@ -364,27 +673,35 @@ class EmpiricalRiskOperator(LinearOperator):
         self._state_key = None
         self._state_sum = None
         self._loop = BatchLoop(data, self.device, self.reduction, order_sensitive=self._order_sensitive,
-                               check=self.check_data,
-                               denominator=lambda X, y: mean_denominator(loss_fn, y, X.shape[0]))
+                               batch_sensitive=mode == "train", check=self.check_data, adapter=adapter,
+                               denominator=denominator or (lambda X, y: mean_denominator(loss_fn, y, X.batch_size)),
+                               process_group=group, signature=distributed.describe_operator(self))
+        self.adapter = self._loop.adapter
         self._single = self._loop.single
-        # The per-batch state is cached for one batch: a pair (X, y), or an iterable yielding exactly
+        # The per-batch state is cached for one batch: a single batch, or an iterable yielding exactly
         # one batch when the data check is on (a changed batch then fails the pass before the product
         # is returned, so a stale cached state is never used silently).
-        self._cacheable = self._single or (self._loop.num_batches == 1 and self.check_data)
+        self._cacheable = self._single or (self._loop.local_num_batches == 1 and self.check_data)
         self.num_data = self._loop.num_data
         self.num_batches = self._loop.num_batches
 
     # ----------------------------------------------------------------- model
-    def _forward(self, X: Tensor) -> tuple[list[Tensor], Tensor]:
-        """Model output with fresh leaves for ``self.params`` (the model is not modified)."""
+    def _forward(self, X: ModelInputs) -> tuple[list[Tensor], Tensor]:
+        """Model prediction with fresh leaves for ``self.params`` (the model is not modified)."""
         leaves = [p.detach().requires_grad_(True) for p in self.params]
         chosen = set(self.param_names)
         tensors = {n: p.detach() for n, p in self.model.named_parameters() if n not in chosen}
         tensors.update(zip(self.param_names, leaves))
-        z = torch.func.functional_call(self.model, tensors, (X,))
-        if not isinstance(z, Tensor):
-            raise TypeError(f"The model must return a tensor, got {type(z).__name__}.")
+        z = self._predict(X, tensors)
+        if not self._graph_checked and self._kernel_needs != "first":  # once per operator
+            refuse_once_differentiable(z)
+            self._graph_checked = True
         return leaves, z
+
+    def _predict(self, X: ModelInputs, tensors: dict) -> Tensor:
+        """``model`` on ``X`` with parameter tensors ``tensors`` (see :func:`forward`)."""
+        z = forward(self.model, X, self.adapter, self.device, tensors)
+        return z
 
     def _loss(self, z: Tensor, y: Tensor) -> Tensor:
         loss = self.loss_fn(z, y)
@@ -396,27 +713,52 @@ class EmpiricalRiskOperator(LinearOperator):
         return loss.reshape(())
 
     def _tracked(self) -> list[Tensor]:
-        tensors = list(self.model.parameters())
-        if self.mode == "eval":
-            tensors += list(self.model.buffers())
+        """Every parameter (and buffer in eval mode) of the model, by a plain walk of its modules.
+
+        Cheaper than ``model.parameters()`` (no names, no memo of tensors); the order is fixed
+        by the module tree, and a replaced module changes the list.
+        """
+        tensors, stack, seen = [], [self.model], set()
+        while stack:
+            m = stack.pop()
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            tensors.extend(p for p in m._parameters.values() if p is not None)
+            if self.mode == "eval":
+                tensors.extend(b for b in m._buffers.values() if b is not None)
+            stack.extend(c for c in m._modules.values() if c is not None)
         return tensors
 
-    def _key(self) -> tuple:
-        """Identity, ``_version`` and ``data_ptr`` of every parameter (and buffer in eval mode): no sync.
+    def _batch_tensors(self) -> list[Tensor]:
+        """The tensors of a single batch (the cache depends on them), else nothing."""
+        return tensor_leaves(self.data) if self._single else []
 
-        Catches optimizer steps and other in-place updates (``p.add_`` under ``no_grad``),
-        ``p.data = new`` and replaced modules.  It misses in-place writes *through*
-        ``.data`` (``p.data.copy_(w)``, ``p.data.mul_(c)``), which do not bump
+    def _key(self) -> tuple:
+        """Identity, ``_version`` and ``data_ptr`` of every parameter, buffer (eval mode) and single-batch
+        tensor: no sync.
+
+        Catches optimizer steps and other in-place updates (``p.add_`` under ``no_grad``,
+        ``y[0] = 2``), ``p.data = new`` and replaced modules.  It misses in-place writes
+        *through* ``.data`` (``p.data.copy_(w)``, ``p.data.mul_(c)``), which do not bump
         ``p._version`` (checked in torch 2.13): :meth:`_checksum` covers those.
         """
-        return tuple((id(t), t._version, t.data_ptr()) for t in self._tracked())
+        # inference tensors have no version counter (and cannot be written outside inference mode)
+        return tuple((id(t), 0 if t.is_inference() else t._version, t.data_ptr())
+                     for t in [*self._tracked(), *self._batch_tensors()])
 
     def _checksum(self) -> Tensor:
-        """Float64 sums of the tracked floating tensors, stacked on their device (no sync)."""
+        """Fixed random projections (float64) of the tracked floating tensors and of a single batch.
+
+        Stacked on the device (no sync).  A projection ``sum_i r_i t_i`` with fixed
+        pseudo-random ``r`` changes under sum-preserving writes too (swapped rows, a
+        permutation); cost: one elementwise product and one reduction per tensor.
+        """
         with torch.no_grad():
-            sums = [t.detach().sum(dtype=torch.float64).to(self.device) for t in self._tracked()
-                    if t.is_floating_point()]
-            return torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64, device=self.device)
+            parts = [_projection(t) for t in self._tracked() if t.is_floating_point()]
+            parts += [_projection(t) for t in self._batch_tensors()]
+            parts = [p if p.device == self.device else p.to(self.device) for p in parts]
+            return torch.stack(parts) if parts else torch.zeros(0, dtype=torch.float64, device=self.device)
 
     def _cache_valid(self, key: tuple) -> bool:
         if self._state is None or key != self._state_key:
@@ -434,39 +776,50 @@ class EmpiricalRiskOperator(LinearOperator):
         self._state_sum = None
 
     # -------------------------------------------------------------- products
-    def _build_state(self, X: Tensor, y: Tensor, batch_index: int):
+    def _build_state(self, X: ModelInputs, y, batch_index: int):
         raise NotImplementedError
 
     def _apply_state(self, state, V: Tensor, idx: list[int] | None = None) -> Tensor:
         """Batch product restricted to the parameters ``idx`` (rows and columns); all if ``None``."""
         raise NotImplementedError
 
-    def _get_state(self, X: Tensor, y: Tensor, batch_index: int):
+    def _get_state(self, X: ModelInputs, y, batch_index: int):
         """The per-batch state, from the cache for a single batch."""
         if self._cacheable and self.cache:
             key = self._key()
             if not self._cache_valid(key):
                 self.clear_cache()
                 sums = self._checksum() if self.cache_check == "checksum" else None
-                with torch.enable_grad(), model_state(self.model, self.mode):
-                    self._state = self._build_state(X, y, batch_index)
-                self._state_key, self._state_sum = key, sums
+                if self._single and self.check_data:  # a single batch changed in place: NaN / inf check
+                    _check_finite(_read([X.batch_size], [_fingerprint(X, y, self.device)]))
+                with torch.enable_grad(), model_state(self.model, self.mode), \
+                        derivative_kernels(self.model, self._kernel_needs):
+                    state = self._build_state(X, y, batch_index)
+                self._state, self._state_key, self._state_sum = state, key, sums
             return self._state
-        with torch.enable_grad(), model_state(self.model, self.mode):
+        with torch.enable_grad(), model_state(self.model, self.mode), \
+                derivative_kernels(self.model, self._kernel_needs):
             return self._build_state(X, y, batch_index)
 
     def _block_products(self, blocks: Sequence[tuple[list[int] | None, Tensor]]) -> list[Tensor]:
         """Products of diagonal blocks ``[(param indices or None, V_b)]`` in one pass over the data.
 
-        Memory chunking (micro-batches, or slices of the columns) would go here.
+        Memory chunking (micro-batches, or slices of the columns) would go here.  A failure
+        anywhere in the pass frees the cached state (no broken state survives an exception).
         """
-        # Data-parallel: all_reduce(out) across ranks goes here (BatchLoop reduces N).
+        if torch.is_grad_enabled() and any(V.requires_grad for _, V in blocks):
+            return list(_DifferentiableProducts.apply(self, [idx for idx, _ in blocks], *[V for _, V in blocks]))
         outs = [torch.zeros_like(V) for _, V in blocks]
-        for b, X, y, w in self._loop:
-            state = self._get_state(X, y, b)
-            with torch.enable_grad():
-                for out, (idx, V) in zip(outs, blocks):
-                    out.add_(self._apply_state(state, V, idx), alpha=w)
+        try:
+            with self._loop.shards.summed(outs):  # data parallel: one all_reduce over ranks (and error flag)
+                for b, X, y, w in self._loop:
+                    state = self._get_state(X, y, b)
+                    with torch.enable_grad():
+                        for out, (idx, V) in zip(outs, blocks):
+                            out.add_(self._apply_state(state, V, idx), alpha=w)
+        except BaseException:
+            self.clear_cache()
+            raise
         return outs
 
     def _matmat(self, V: Tensor) -> Tensor:
@@ -477,14 +830,15 @@ class EmpiricalRiskOperator(LinearOperator):
         """The loss over all data and its gradient w.r.t. ``params`` (flat ``[n]``). Costs one pass."""
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         grad = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
-        for _, X, y, w in self._loop:
-            with torch.enable_grad(), model_state(self.model, self.mode):
-                leaves, z = self._forward(X)
-                loss = self._loss(z, y)
-                gs = torch.autograd.grad(loss, leaves, allow_unused=True)
-            total += w * loss.detach()
-            grad += w * torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                                   for g, p in zip(gs, leaves)])
+        with self._loop.shards.summed([total, grad]):  # data parallel: summed over ranks
+            for _, X, y, w in self._loop:
+                with torch.enable_grad(), model_state(self.model, self.mode):
+                    leaves, z = self._forward(X)
+                    loss = self._loss(z, y)
+                    gs = torch.autograd.grad(loss, leaves, allow_unused=True)
+                total += w * loss.detach()
+                grad += w * torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                                       for g, p in zip(gs, leaves)])
         return total, grad
 
     def unflatten(self, v: Tensor) -> list[Tensor]:

@@ -12,7 +12,10 @@ and the alternatives (``op.diagonal()``, exact for small ``n``, or
 ``estimators.hutchinson_diagonal(op)``); there is no silent fallback.
 
 The user's model is never modified: BackPACK's ``extend`` installs hooks and attributes,
-so it runs on a deep copy (parameters mapped back by name), in eval mode by default;
+so it runs on a copy, made once per model and cached (its parameters share the user's
+storage, so values are always current; it is rebuilt when the module tree, a
+hyperparameter, a hook, or a parameter's identity/storage/shape/dtype/device changes;
+see :func:`_extended_copies`), in eval mode by default;
 ``.grad`` and the global RNG of the caller are untouched (Monte-Carlo sampling runs
 under ``torch.random.fork_rng`` seeded from ``(seed, batch index)``).  Batches are
 summed with the weights of :class:`~curvature._empirical_risk.BatchLoop` (mean or sum
@@ -26,43 +29,141 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import warnings
+import weakref
 
 import numpy as np
 import torch
 from torch import nn
 
-from ._empirical_risk import BatchLoop, check_loss, model_state, resolve_params
+from ._empirical_risk import BatchLoop, check_loss, forward, model_state, resolve_params
 from .losses import mean_denominator
 from .structured import DiagonalOperator
 
 __all__ = ["ggn_diagonal", "hessian_diagonal"]
 
 
-def _extended_copies(model: nn.Module, loss_fn, names) -> tuple[nn.Module, object, dict]:
-    """BackPACK-extended deep copies of ``model`` and ``loss_fn`` (the user's objects stay untouched).
+# {user model: {"key": structure key, "work": extended copy, "named": {...}, "losses": {loss key: copy}}}
+_EXTENDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    Only the parameters named in ``names`` require grad in the copy.  Returns
-    ``(model copy, loss copy, {name: parameter of the copy})``.
+
+def _structure_key(model: nn.Module) -> tuple:
+    """What the cached extended copy depends on: module tree, hyperparameters, hooks, tensor identities.
+
+    Per module: name, class, public attributes (``stride``, ``inplace``, ...), the keys of its
+    hook dicts, and per parameter / buffer its identity, storage pointer, shape, dtype
+    and device.  Values of the tensors are not in the key: the copy shares their storage.
+    """
+    items = []
+    for name, m in model.named_modules():
+        attrs = tuple(sorted((k, repr(v)) for k, v in vars(m).items() if not k.startswith("_") and k != "training"))
+        hooks = tuple(tuple(getattr(m, h, {})) for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                                                         "_backward_pre_hooks"))
+        tensors = tuple((k, None if t is None else (id(t), t.data_ptr(), t.shape, t.dtype, t.device))
+                        for d in (m._parameters, m._buffers) for k, t in d.items())
+        items.append((name, type(m), attrs, hooks, tensors))
+    return tuple(items)
+
+
+def _loss_key(loss_fn) -> tuple:
+    return (id(loss_fn), type(loss_fn),
+            tuple(sorted((k, repr(v)) for k, v in vars(loss_fn).items() if not k.startswith("_"))))
+
+
+def _extended_copies(model: nn.Module, loss_fn, names, check=None, check_key=None) -> tuple[nn.Module, object, dict]:
+    """BackPACK-extended copies of ``model`` and ``loss_fn`` (the user's objects stay untouched).
+
+    The copy is made once per model and cached (weakly keyed on the model): its
+    parameters are new leaves SHARING the storage of the user's parameters (values are
+    always current, ``.grad`` and BackPACK's attributes land on the copy) and its buffers
+    are the user's buffer tensors.  It is rebuilt when :func:`_structure_key` changes (a
+    module added or replaced, a hyperparameter or hook changed, a parameter re-assigned or
+    its storage swapped through ``.data = ...``).  Only the parameters named in ``names``
+    require grad in the copy.  ``check()`` (a support check of the model, raising) runs
+    once per ``check_key`` and cached copy.  Returns ``(model copy, loss copy, {name:
+    parameter of the copy})``.
     """
     import backpack
 
-    work = copy.deepcopy(model)
-    lf = copy.deepcopy(loss_fn)
-    named = dict(work.named_parameters())
+    key = _structure_key(model)
+    entry = _EXTENDED.get(model)
+    if entry is None or entry["key"] != key:
+        hooked = [name or "<model>" for name, m in model.named_modules()
+                  if any(getattr(m, h, None) for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                                                       "_backward_pre_hooks"))]
+        if hooked:
+            raise NotImplementedError(
+                f"Module(s) {hooked} have hooks registered; BackPACK back-propagates through each module's own "
+                "derivative and ignores what a hook does to its inputs/outputs (the result would be silently "
+                "wrong). Remove the hooks, or use curvature.GGNOperator / HessianOperator (autograd, hooks "
+                "honoured), e.g. op.diagonal() or estimators.hutchinson_diagonal(op).")
+        if check is not None:
+            check()
+        memo = {}
+        for p in model.parameters():
+            memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+        for b in model.buffers():
+            memo[id(b)] = b
+        work = backpack.extend(copy.deepcopy(model, memo))
+        entry = {"key": key, "work": work, "named": dict(work.named_parameters()), "losses": {},
+                 "checked": {check_key}}
+        _EXTENDED[model] = entry
+    elif check is not None and check_key not in entry["checked"]:
+        check()
+        entry["checked"].add(check_key)
+    lkey = _loss_key(loss_fn)
+    if lkey not in entry["losses"]:
+        entry["losses"] = {lkey: backpack.extend(copy.deepcopy(loss_fn))}
+    named = entry["named"]
     for n, p in named.items():
         p.requires_grad_(n in names)
         p.grad = None
-    return backpack.extend(work), backpack.extend(lf), named
+    return entry["work"], entry["losses"][lkey], named
+
+
+def resolve_seed(seed) -> int:
+    """``seed`` as a non-negative integer: ``None`` means 0 (reproducible by default); ints only.
+
+    Raises:
+        TypeError: a non-integer (``1.5``, ``True``, a string).
+        ValueError: a negative seed or one of 2**63 or more.
+    """
+    if seed is None:
+        return 0
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}.")
+    if not 0 <= int(seed) < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}.")
+    return int(seed)
+
+
+def batch_seed(seed: int, batch_index: int) -> int:
+    """The seed of batch ``batch_index`` derived from ``seed`` (the one derivation of the package's samplers)."""
+    state = np.random.SeedSequence([int(seed), batch_index]).generate_state(2, np.uint32)
+    return int(state[0]) << 31 ^ int(state[1])
+
+
+def check_finite_params(names, tensors, caller: str) -> None:
+    """Raise ``ValueError`` naming the parameters with NaN/inf entries (before any computation)."""
+    bad = [n for n, p in zip(names, tensors) if not bool(torch.isfinite(p.detach()).all())]
+    if bad:
+        raise ValueError(f"{caller}: parameter(s) {bad} have NaN/inf entries; the curvature is undefined. "
+                         "Check the training run that produced them (learning rate, loss scale).")
 
 
 @contextlib.contextmanager
-def _seeded_batch(seed: int, batch_index: int, device: torch.device):
-    """Fork the global RNG (and the CUDA one of ``device``) seeded from ``(seed, batch_index)``."""
+def _seeded_batch(seed: int | None, batch_index: int, device: torch.device):
+    """Fork the global RNG (and the CUDA one of ``device``) seeded from ``(seed, batch_index)``; ``None``: no-op."""
+    if seed is None:  # nothing random in this extension
+        yield
+        return
     rng_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
-        state = np.random.SeedSequence([int(seed) & (2**63 - 1), batch_index]).generate_state(2, np.uint32)
-        torch.manual_seed(int(state[0]) << 31 ^ int(state[1]))
+        s = batch_seed(seed, batch_index)
+        torch.default_generator.manual_seed(s)  # not torch.manual_seed: it also seeds every other backend
+        if device.type == "cuda":
+            torch.cuda.manual_seed(s)
         yield
 
 
@@ -80,8 +181,8 @@ def _backpack_passes(loop: BatchLoop, work: nn.Module, lf, ext, named: dict, nam
 
     for b, X, y, w in loop:
         with _seeded_batch(seed, b, device), model_state(work, mode), torch.enable_grad():
-            z = work(X)
-            check_output(z)
+            z = forward(work, X, loop.adapter, device)
+            check_output(z, y)
             loss = lf(z, y)
             if loss.numel() != 1:
                 raise ValueError("The loss must be a scalar (reduction 'mean' or 'sum').")
@@ -102,6 +203,15 @@ def _backpack_passes(loop: BatchLoop, work: nn.Module, lf, ext, named: dict, nam
             delattr(p, attribute)
             p.grad = None
         yield b, X, w, values
+
+
+@functools.lru_cache(maxsize=None)
+def _extension(extension_name: str, mc_samples: int = 1):
+    """One BackPACK extension object per (name, samples): building one costs ~2 ms (its module map)."""
+    from backpack import extensions
+
+    cls = getattr(extensions, extension_name)
+    return cls(mc_samples=mc_samples) if extension_name in ("DiagGGNMC", "KFAC") else cls()
 
 
 def _alternative(extension_name: str) -> str:
@@ -155,8 +265,19 @@ def _check_supported(model: nn.Module, loss_fn, ext, extension_name: str) -> Non
         )
 
 
-def _check_output(loss_fn, z: torch.Tensor, extension_name: str) -> None:
-    """Refuse model outputs BackPACK's loss modules cannot take (before its backward fails)."""
+def _check_output(loss_fn, z: torch.Tensor, extension_name: str, y=None) -> None:
+    """Refuse outputs and targets BackPACK's loss modules cannot take (before it fails or is silently wrong).
+
+    BackPACK's cross-entropy curvature assumes integer targets, all counted, and no label
+    smoothing: targets equal to ``ignore_index`` or probability targets would give a
+    silently wrong diagonal, so they are refused here.
+    """
+    if isinstance(loss_fn, nn.CrossEntropyLoss) and y is not None:
+        if loss_fn.label_smoothing != 0.0 or y.is_floating_point() or bool((y == loss_fn.ignore_index).any()):
+            raise NotImplementedError(
+                "BackPACK's CrossEntropyLoss supports integer targets without ignored entries (ignore_index) and "
+                f"without label smoothing. {_alternative(extension_name)}"
+            )
     if isinstance(loss_fn, nn.BCEWithLogitsLoss) and (z.dim() != 2 or z.shape[1] != 1):
         raise NotImplementedError(
             f"BackPACK's BCEWithLogitsLoss supports only one logit per example (model output [N, 1]); got "
@@ -186,27 +307,32 @@ def _backpack_diagonal(model, loss_fn, data, params, extension_name: str, attrib
             f"BackPACK diagonals support CrossEntropyLoss, MSELoss and BCEWithLogitsLoss, got "
             f"{type(loss_fn).__name__}. {_alternative(extension_name)}"
         )
-    ext = getattr(extensions, extension_name)
-    ext = ext(mc_samples=mc_samples) if extension_name == "DiagGGNMC" else ext()
-    _check_supported(model, loss_fn, ext, extension_name)
+    ext = _extension(extension_name, mc_samples)
     names, chosen = resolve_params(model, params)
+    seed = resolve_seed(seed)
+    work, lf, named = _extended_copies(model, loss_fn, names, check=lambda: _check_supported(
+        model, loss_fn, ext, extension_name), check_key=(extension_name, _loss_key(loss_fn)))
     device = chosen[0].device
     loop = BatchLoop(data, device, reduction, order_sensitive=extension_name == "DiagGGNMC", check=check_data,
-                     denominator=lambda X, y: mean_denominator(loss_fn, y, X.shape[0]))
+                     batch_sensitive=mode == "train",
+                     denominator=lambda X, y: mean_denominator(loss_fn, y, X.batch_size))
 
-    work, lf, named = _extended_copies(model, loss_fn, names)
-
-    acc = [torch.zeros_like(p) for p in chosen]
+    acc: list = [None] * len(chosen)
     passes = _backpack_passes(
-        loop, work, lf, ext, named, names, attribute, seed=seed, mode=mode, device=device,
-        check_output=lambda z: _check_output(loss_fn, z, extension_name),
+        loop, work, lf, ext, named, names, attribute, seed=seed if extension_name == "DiagGGNMC" else None,
+        mode=mode, device=device, check_output=lambda z, y: _check_output(loss_fn, z, extension_name, y),
         describe_error=lambda exc: (f"BackPACK's {extension_name} cannot handle this model/loss: {exc}. "
                                     f"{_alternative(extension_name)}"),
     )
     for _, _, w, values in passes:
-        for a, value in zip(acc, values):
-            a.add_(value.detach(), alpha=w)
-    diag = torch.cat([a.reshape(-1) for a in acc])
+        for i, value in enumerate(values):
+            value = value.detach()
+            acc[i] = (value if w == 1.0 else value * w) if acc[i] is None else acc[i].add_(value, alpha=w)
+    diag = torch.cat([(torch.zeros_like(p) if a is None else a).reshape(-1) for a, p in zip(acc, chosen)])
+    if not bool(torch.isfinite(diag).all()):  # one check on the result instead of one per parameter
+        check_finite_params(names, chosen, extension_name)
+        raise ValueError(f"{extension_name}: the diagonal has NaN/inf entries although the parameters are finite; "
+                         "check the data for NaN/inf (or an overflowing loss).")
     return DiagonalOperator(diag, param_shapes=[p.shape for p in chosen])
 
 
@@ -218,7 +344,7 @@ def ggn_diagonal(
     *,
     kind: str = "exact",
     mc_samples: int = 1,
-    seed: int = 0,
+    seed: int | None = 0,
     mode: str = "eval",
     check_data: bool = True,
 ) -> DiagonalOperator:
@@ -233,7 +359,8 @@ def ggn_diagonal(
         params: parameters (tensors of ``model`` or names); default all trainable.
         kind: ``"exact"`` (BackPACK ``DiagGGNExact``) or ``"mc"`` (``DiagGGNMC``).
         mc_samples: sampled labels per example for ``kind="mc"``.
-        seed: seed of the sampled labels (per batch: seeded from ``(seed, batch index)``).
+        seed: seed of the sampled labels (per batch: seeded from ``(seed, batch index)``);
+            ``None`` means 0.
         mode: ``"eval"`` (default) or ``"train"`` (BackPACK refuses train-mode BatchNorm).
         check_data: verify that the data are the same on every pass.
 
@@ -246,6 +373,7 @@ def ggn_diagonal(
             ``nn.Module`` class, ...), an unsupported loss or loss setting, or a
             multi-output ``BCEWithLogitsLoss``; the message names the alternatives
             (``GGNOperator(...).diagonal()`` or ``estimators.hutchinson_diagonal``).
+        ValueError: a parameter with NaN/inf entries (named).
 
     Cost: one forward and one extended backward pass per batch (exact: about ``C``
     backward passes' worth of work for ``C`` outputs; MC: ``mc_samples``).

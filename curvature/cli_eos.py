@@ -40,10 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "quadratic: second-order regression model with explicit Hessian (default: tanh)")
     p.add_argument("--lrs", type=_floats, default=None, help="comma-separated learning rates (default per problem)")
     p.add_argument("--steps", type=int, default=None, help="GD steps per learning rate (default per problem)")
-    p.add_argument("--every", type=int, default=None, help="measure every N steps (default per problem)")
+    p.add_argument("--every", type=int, default=None,
+                   help="measure every N steps (default per problem: every step for tanh; an even N sees only "
+                        "one phase of a period-2 oscillation and biases the median)")
     p.add_argument("--out", default="out", help="output directory (default: out)")
     p.add_argument("--fast", action="store_true", help="cheap setting (seconds)")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    p.add_argument("--init", choices=("private", "authors"), default="private",
+                   help="tanh net initialisation: private generator (default) or the official code's "
+                        "torch.manual_seed + float32 xavier_normal_ calls and float32 grid")
     p.add_argument("--k", type=int, default=1, help="top eigenvalues per measurement (default 1)")
     p.add_argument("--tol", type=float, default=1e-4, help="Lanczos relative residual tolerance (default 1e-4)")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
@@ -65,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             lrs=args.lrs, steps=args.steps, every=args.every, out_dir=args.out, fast=args.fast,
             seed=args.seed, problem=problem, dtype=dtype, device=args.device, k=args.k, tol=args.tol,
             filename="eos" if problem == "tanh" else "eos_quadratic",
+            init=args.init if problem == "tanh" else "private",
         )
         print(f"\n[{problem}] full-batch GD; onset = first sharpness >= 0.95 x 2/lr")
         print(res.table())

@@ -1,114 +1,146 @@
-"""K-FAC / KFLR / KFRA: Kronecker-factored GGN blocks per layer, computed by BackPACK.
+"""K-FAC / KFLR / empirical K-FAC on Linear and Conv2d layers anywhere in a model (and KFRA).
 
-For a layer ``z = W x`` (Linear; Conv2d on unfolded patches) the GGN block of ``W`` is
-``E_n[S_n S_n^T ⊗ x_n x_n^T]`` (``S_n S_n^T`` the GGN w.r.t. the layer output of example
-``n``, row-major vec, see :mod:`curvature.kronecker`).  K-FAC replaces the mean of
-products by the product of means::
+For a layer ``s = W x`` (Linear; Conv2d on unfolded patches) the GGN block of ``W`` is
+``sum_n sum_k vec(grad_W,nk) vec(grad_W,nk)^T`` with ``grad_W,nk = sum_t g_nkt x_nt^T``
+(``g`` the output gradient of column ``k`` of the loss-Hessian factor ``S_n``, ``t`` the
+positions that share ``W``; row-major vec, see :mod:`curvature.kronecker`).  K-FAC
+replaces the mean of products by the product of means::
 
-    G ⊗ A,   G = E_n[S_n S_n^T]  [out, out],   A = E_n[x_n x_n^T]  [in, in]
+    G ⊗ A,   G [out, out] from the output gradients,   A [in, in] from the inputs.
 
-(for ``reduction="sum"`` the loss is ``N`` times the mean and so is ``G``).  The kinds
-differ in ``S_n``: ``"kflr"`` the exact square root of the loss Hessian (one column per
-output), ``"kfac"`` ``mc_samples`` sampled labels (Martens & Grosse 2015: the Fisher),
-``"kfra"`` BackPACK's recursive batch-averaged approximation (Botev et al. 2017).
+The kinds differ in ``S_n`` (the factor of the loss's output curvature, from
+:mod:`curvature.losses`): ``"kflr"`` (alias ``"exact"``) the exact square root of the loss
+Hessian (one backward per output), ``"kfac"`` (alias ``"mc"``) ``mc_samples`` gradients
+at labels sampled from the model (Martens & Grosse 2015: the Fisher), ``"empirical"`` the
+gradient at the data labels (the empirical Fisher; any loss), ``"kfra"`` BackPACK's
+recursive batch-averaged approximation (Botev et al. 2017; ``nn.Sequential`` only).
 
-Exact identities (tested): with ONE example, KFLR equals the exact GGN on each layer's
-diagonal block (a single Linear layer: the whole GGN); for any batch, the bias block of a
-Linear layer is exact and, for MSE, so is the last layer's block.  Otherwise K-FAC is an
-approximation (tests/test_kronecker.py reports its error against the exact GGN).
+Weight sharing (Eschenhagen et al. 2023), for Linear layers on ``[B, ..., d_in]`` inputs
+(``T`` = positions per example) and Conv2d layers (``T`` = output positions), selected by
+``approx``:
 
-Weight and bias: a Linear layer's weight and bias form ONE block over
-``[W.reshape(-1), b]`` with the input augmented by a constant 1
-(``A~ = E[[x; 1][x; 1]^T]``, so the W-b cross terms are kept); ``separate_bias=True``
-gives separate blocks ``G ⊗ A`` and ``G``.  Conv2d layers always get separate blocks, as
-BackPACK computes them: its conv factor ``G`` sums the output gradients over the ``T``
-output positions before the outer product and ``A`` sums the patches' outer products
-over positions (averaged over examples), so a joint block would scale the bias block by
-``T``; BackPACK's conv K-FAC differs from the KFC paper (Grosse & Martens 2016) by ``T``,
-so the input factor of a Conv2d weight block is divided by ``T`` here (KFC's scale: the
-block's trace then matches the GGN block's in magnitude instead of exceeding it ``T``-fold).
+* ``"expand"`` (default; the KFC paper's choice for convolutions): every position is an
+  example, ``G = sum_{n,t,k} g g^T`` and ``A = E_n[(1/T) sum_t x x^T]``.  Exact e.g. for
+  a deep linear network applied position-wise under MSE on every position (a loss term
+  per position), any number of examples.
+* ``"reduce"``: positions are summed first, ``G = sum_{n,k} (sum_t g)(sum_t g)^T`` and
+  ``A = E_n[xbar xbar^T]`` with ``xbar = (1/T) sum_t x``.  Exact e.g. for a linear layer
+  whose outputs are averaged over positions before a deep linear head under MSE (one
+  loss term per sequence).
 
-Data: factors are accumulated separately over batches, ``G`` with the loss weights of
-:class:`~curvature._empirical_risk.BatchLoop` (``B_b / N`` for a mean, 1 for a sum) and
-``A`` (and the mean input) always with ``B_b / N``; so for ``"kflr"``/``"kfac"`` the result
-over a DataLoader equals K-FAC on the concatenated data set (the Kronecker product is
-taken at the end, not per batch).  ``"kfra"`` is a weighted average of per-batch KFRA
-(its recursion is not additive over batches).
+With ``T = 1`` both are plain K-FAC.  ``(G, A)`` scaling: ``G`` carries the loss's
+reduction (``reduction="sum"`` gives ``N`` times the mean's ``G``), ``A`` is an average.
 
-Models: ``nn.Sequential`` (nesting allowed) of BackPACK-supported modules; trainable
-parameters only in ``Linear`` and ``Conv2d`` (groups=1) layers.  The user's model is never
-modified (BackPACK runs on a deep copy), it is evaluated in eval mode by default, and the
-caller's ``.grad`` is untouched and MC labels are seeded from ``(seed, batch)`` in a forked RNG
-(iterating a ``DataLoader`` draws its base seed from the global RNG, as any loop over it does).
+Exact identities (tested): with ONE example and ``T = 1``, KFLR equals the exact GGN on
+each layer's diagonal block; for any batch, the bias block of a Linear layer is exact;
+for deep linear networks under MSE, every block is exact (expand on per-position losses,
+reduce on pooled outputs).  Otherwise K-FAC approximates (tests report its error).
+
+Weight and bias: a layer's weight and bias form ONE block over ``[W.reshape(-1), b]`` with
+every input row augmented by a constant 1 (``A~ = E[[x; 1][x; 1]^T]``: the W-b cross terms
+are kept; KFC's homogeneous coordinates for Conv2d); ``separate_bias=True`` gives
+separate blocks ``G ⊗ A`` and ``G`` (``G`` then is the joint block's bias-bias part).
+
+Tied weights: a parameter held by several Linear/Conv2d modules, or a module called
+several times, gets ONE block, its calls treated as further weight-sharing positions
+(``T`` = all positions of all calls), which keeps the exact cases exact.  A parameter
+also used outside such modules (a weight tied to an ``nn.Embedding``, ``F.linear`` on a
+module's weight) is refused: on the first batch the gradient rebuilt from the recorded
+rows is compared with autograd's.  Parameters not in ``params`` are skipped (their
+modules get no hooks); any other module may sit anywhere (LayerNorm, attention,
+residual connections, custom modules) as long as its parameters are not in ``params``.
+
+Data: factors are accumulated over batches, ``G`` with the loss weights of
+:class:`~curvature._empirical_risk.BatchLoop` and ``A`` with ``B_b / N``, so over a
+DataLoader the result equals K-FAC on the concatenated data set.  The model is used
+in place (forward hooks, removed afterwards), in eval mode by default (``mode="train"``
+refuses active dropout and BatchNorm); ``.grad`` and the global RNG are untouched (MC
+labels come from a generator seeded from ``(seed, batch index)``, the same labels as
+``FisherOperator(kind="mc", seed=seed)``).
+
+Cost per batch: one forward and ``K`` backwards to the layer outputs only (``K`` = outputs
+for KFLR, ``mc_samples`` for MC, 1 for empirical), then ``O(rows (d_in^2 + K d_out^2))``
+for the factors.
 """
 
 from __future__ import annotations
-
 
 import torch
 from torch import Tensor, nn
 
 from ._empirical_risk import BatchLoop, check_loss, resolve_params
-from .losses import mean_denominator
-from .backpack import _backpack_passes, _extended_copies
+from ._kfac_capture import APPROX, KINDS, LayerBlock, capture_rows, plan_blocks
+from .backpack import _backpack_passes, _extended_copies, _extension, batch_seed, check_finite_params, resolve_seed
 from .kronecker import KFACOperator, KroneckerOperator
+from .losses import mean_denominator
 
 __all__ = ["kfac"]
 
-_KINDS = {"kflr": ("KFLR", "kflr"), "kfac": ("KFAC", "kfac"), "kfra": ("KFRA", "kfra")}
-_LAYERS = (nn.Linear, nn.Conv2d)
+_ALIASES = {"exact": "kflr", "mc": "kfac"}
 
 
-def _check_structure(model: nn.Module, ext) -> None:
-    """Sequential containers and BackPACK-supported leaves only (else BackPACK is silently wrong)."""
-    supported = tuple(getattr(ext, "_BackpropExtension__module_extensions", {}).keys())
-    for name, m in model.named_modules():
-        label = f"{name or '<model>'} ({type(m).__name__})"
-        if any(True for _ in m.children()):
-            if not isinstance(m, nn.Sequential):
-                raise ValueError(
-                    f"kfac needs an nn.Sequential model (BackPACK follows the module order); module {label} "
-                    "is a container with its own forward. Rewrite it as nn.Sequential of supported layers."
-                )
-        elif supported and type(m) not in supported:  # BackPACK looks up the exact class
-            raise ValueError(
-                f"kfac: module {label} is not supported by BackPACK's Kronecker-factored extensions "
-                f"(supported: {sorted({t.__name__ for t in supported})})."
-            )
+def _symmetrized(F: Tensor) -> Tensor:
+    return 0.5 * (F + F.T)  # exactly symmetric (matmul rounding may leave ~eps asymmetry)
 
 
-def _plan(model: nn.Module, names: list[str], separate_bias: bool) -> list[tuple[str, list[str], str]]:
-    """Blocks ``[(block name, [param names], "joint"|"weight"|"bias")]`` in parameter order."""
-    plan = []
-    i = 0
-    while i < len(names):
-        n = names[i]
-        owner, _, attr = n.rpartition(".")
-        m = model.get_submodule(owner)
-        if not isinstance(m, _LAYERS) or attr not in ("weight", "bias"):
-            raise ValueError(
-                f"kfac supports trainable parameters of Linear and Conv2d layers only; parameter {n!r} "
-                f"belongs to module {owner or '<model>'!r} ({type(m).__name__}). Freeze it "
-                "(requires_grad_(False)) or leave it out with params=."
-            )
-        if isinstance(m, nn.Conv2d) and m.groups != 1:
-            raise ValueError(f"kfac: Conv2d module {owner!r} has groups={m.groups}; only groups=1 is supported.")
-        nxt = names[i + 1] if i + 1 < len(names) else None
-        if (attr == "weight" and isinstance(m, nn.Linear) and not separate_bias
-                and nxt == (f"{owner}.bias" if owner else "bias")):
-            plan.append((owner or "<model>", [n, nxt], "joint"))
-            i += 2
-        else:
-            plan.append((n, [n], attr))
-            i += 1
-    return plan
+def check_kfac_args(model, loss_fn, data, params, *, kind: str, mc_samples: int, seed, mode: str, approx: str,
+                    separate_bias: bool, check_data: bool, caller: str = "kfac"):
+    """Validate :func:`kfac`'s arguments; returns ``(kind, seed, loop, names, tensors, blocks)``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    kind = _ALIASES.get(kind, kind)
+    if kind not in KINDS + ("kfra",):
+        raise ValueError(f"kind must be one of {sorted(KINDS + ('kfra',) + tuple(_ALIASES))}, got {kind!r}.")
+    if approx not in APPROX:
+        raise ValueError(f"approx must be one of {APPROX}, got {approx!r}.")
+    if isinstance(mc_samples, bool) or int(mc_samples) != mc_samples or int(mc_samples) < 1:
+        raise ValueError(f"mc_samples must be an integer >= 1, got {mc_samples}.")
+    if mode not in ("eval", "train"):
+        raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}.")
+    seed = resolve_seed(seed)
+    reduction = check_loss(loss_fn)
+    if reduction is None:
+        raise ValueError(f"{caller} needs the loss's reduction to scale the factors: loss_fn has no 'reduction' "
+                         "attribute; use a torch loss module with reduction='mean' or 'sum'.")
+    names, tensors = resolve_params(model, params)
+    check_finite_params(names, tensors, caller)
+    blocks = plan_blocks(model, names, tensors, separate_bias)
+    loop = BatchLoop(data, tensors[0].device, reduction, order_sensitive=kind == "kfac", check=check_data,
+                     denominator=lambda X, y: mean_denominator(loss_fn, y, X.batch_size))
+    return kind, seed, loop, names, tensors, blocks
 
 
-def _check_bce_output(loss_fn, z: Tensor) -> None:
-    if isinstance(loss_fn, nn.BCEWithLogitsLoss) and (z.dim() != 2 or z.shape[1] != 1):
-        raise NotImplementedError(
-            f"kfac (BackPACK) supports BCEWithLogitsLoss with one logit per example (output [N, 1]); "
-            f"got output shape {tuple(z.shape)}.")
+def accumulate_factors(model, loss_fn, loop: BatchLoop, blocks: list[LayerBlock], params_by_name: dict, *,
+                       kind: str, mc_samples: int, seed: int, mode: str, approx: str):
+    """``[(G, A or None)]`` per block over all of ``loop`` (see the module doc for the scaling)."""
+    Gs: list[Tensor | None] = [None] * len(blocks)
+    As: list[Tensor | None] = [None] * len(blocks)
+    for rows in capture_rows(model, loss_fn, loop, blocks, params_by_name, kind=kind, mc_samples=mc_samples,
+                             seed_of_batch=lambda b: batch_seed(seed, b), mode=mode):
+        for i, (x, gs) in enumerate(zip(rows.inputs, rows.grads)):
+            for g in gs:
+                g2 = g.reshape(-1, g.shape[-1]) if approx == "expand" else g.sum(1)
+                term = g2.T @ g2
+                Gs[i] = term.mul_(rows.weight) if Gs[i] is None else Gs[i].add_(term, alpha=rows.weight)
+            if x is None:
+                continue
+            if approx == "expand":
+                x2 = x.reshape(-1, x.shape[-1])
+            else:
+                x2 = x.mean(1)
+            term = (x2.T @ x2).mul_(rows.share / x2.shape[0])
+            As[i] = term if As[i] is None else As[i].add_(term)
+    return [(_symmetrized(G), None if A is None else _symmetrized(A)) for G, A in zip(Gs, As)]
+
+
+def _assemble(blocks: list[LayerBlock], factors, shapes: dict) -> KFACOperator:
+    ops = []
+    for blk, (G, A) in zip(blocks, factors):
+        pshapes = [shapes[n] for n in blk.param_names]
+        if blk.how == "bias":
+            A = torch.ones(1, 1, dtype=G.dtype, device=G.device)
+        ops.append(KroneckerOperator(G, A, with_bias=blk.how == "joint", param_shapes=pshapes))
+    return KFACOperator(ops, names=[b.name for b in blocks], param_names=[b.param_names for b in blocks])
 
 
 def kfac(
@@ -118,134 +150,172 @@ def kfac(
     params=None,
     *,
     kind: str = "kflr",
+    approx: str = "expand",
     mc_samples: int = 1,
-    seed: int = 0,
+    seed: int | None = 0,
     mode: str = "eval",
     separate_bias: bool = False,
     check_data: bool = True,
 ) -> KFACOperator:
-    """Kronecker-factored GGN of ``loss_fn(model(X), y)`` over ``data``, one block per layer.
+    """Kronecker-factored GGN / Fisher of ``loss_fn(model(X), y)`` over ``data``, one block per layer.
 
     Args:
-        model: ``nn.Sequential`` of BackPACK-supported modules; parameters in Linear /
-            Conv2d layers.
+        model: any ``nn.Module``; the parameters in ``params`` must be weights/biases of
+            ``nn.Linear`` / ``nn.Conv2d`` (groups 1) modules, which may sit anywhere.
         loss_fn: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` or ``nn.BCEWithLogitsLoss``
-            (reduction ``"mean"`` or ``"sum"``).
+            (reduction ``"mean"`` or ``"sum"``; outputs ``[B, C, ...]`` for CE and
+            ``[B, ..., C]`` for MSE/BCE); ``kind="empirical"`` takes any loss module that
+            decomposes over examples.
         data: a batch ``(X, y)`` or a re-iterable of batches.
         params: parameters (tensors or names); default all trainable, model order.
-        kind: ``"kflr"`` (exact loss Hessian), ``"kfac"`` (Monte-Carlo, ``mc_samples``
-            labels per example) or ``"kfra"``.
-        mc_samples: sampled labels per example for ``kind="kfac"``.
-        seed: seed of the sampled labels (per batch, from ``(seed, batch index)``).
+        kind: ``"kflr"``/``"exact"`` (exact loss-Hessian square root), ``"kfac"``/``"mc"``
+            (``mc_samples`` sampled labels per output), ``"empirical"`` (data labels) or
+            ``"kfra"`` (BackPACK, ``nn.Sequential`` of supported layers, no weight sharing).
+        approx: ``"expand"`` or ``"reduce"`` for weight sharing (sequence inputs to
+            Linear, Conv2d positions, tied weights); see the module doc.
+        mc_samples: sampled labels per output for ``kind="kfac"``.
+        seed: seed of the sampled labels (per batch, from ``(seed, batch index)``);
+            ``None`` means 0.
         mode: ``"eval"`` (default) or ``"train"``.
-        separate_bias: separate weight and bias blocks for Linear layers (default: one
-            joint block with the input augmented by 1).
+        separate_bias: separate weight and bias blocks (default: one joint block with
+            the input augmented by 1).
         check_data: verify every pass sees the same data.
 
     Returns:
         A :class:`~curvature.kronecker.KFACOperator` ``[n, n]`` over the flat ``params``
-        (``param_shapes`` set), ``names`` the block names, ``param_names`` the
-        parameters of each block.  ``K.solve``/``K.inverse()``/``K.damped(lam)`` are exact
-        through the factors.
+        (``param_shapes`` set), ``names`` the block names (module name for a joint
+        block, else the parameter name), ``param_names`` the parameters of each block.
+        ``K.solve``/``K.inverse()``/``K.damped(lam)`` are exact through the factors.
 
-    Cost: one forward and one extended backward pass per batch (KFLR: about ``C``
-    backward passes' worth of work for ``C`` outputs; KFAC: ``mc_samples``).
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import curvature
+        >>> class Net(nn.Module):  # not a Sequential: hooks find the Linear layers
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+        ...     def forward(self, x):
+        ...         return self.fc2(torch.tanh(self.fc1(x)) + 1.0)
+        >>> X, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+        >>> K = curvature.kfac(Net(), nn.CrossEntropyLoss(), (X, y))
+        >>> K.names, K.shape
+        (['fc1', 'fc2'], (67, 67))
+        >>> step = K.damped(1e-3).solve(torch.ones(67))  # exact damped inverse
 
     Raises:
-        ValueError: unknown ``kind``, a parameter outside Linear/Conv2d layers (the
-            message names the module), a non-Sequential model or an unsupported module.
-        NotImplementedError: an unsupported loss, or BackPACK refusing the model.
+        ValueError: unknown ``kind``/``approx``, a parameter outside Linear/Conv2d
+            layers or used outside them (the message names it), NaN/inf parameters.
+        NotImplementedError: a loss without the needed output curvature (the message
+            names the kinds that work).
     """
-    try:
-        from backpack import extensions
-    except ImportError as exc:  # pragma: no cover - a declared dependency
-        raise ImportError("curvature.kfac needs backpack-for-pytorch (pip install backpack-for-pytorch).") from exc
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-    if kind not in _KINDS:
-        raise ValueError(f"kind must be one of {sorted(_KINDS)}, got {kind!r}.")
-    if int(mc_samples) < 1:
-        raise ValueError(f"mc_samples must be >= 1, got {mc_samples}.")
-    if mode not in ("eval", "train"):
-        raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}.")
-    reduction = check_loss(loss_fn)
+    kind, seed, loop, names, tensors, blocks = check_kfac_args(
+        model, loss_fn, data, params, kind=kind, mc_samples=mc_samples, seed=seed, mode=mode, approx=approx,
+        separate_bias=separate_bias, check_data=check_data)
+    shapes = {n: p.shape for n, p in zip(names, tensors)}
+    if kind == "kfra":
+        if approx != "expand":
+            raise ValueError("kind='kfra' (BackPACK) has no weight-sharing variants; leave approx='expand'.")
+        return _assemble(*_kfra_blocks(model, loss_fn, loop, blocks, names, mode), shapes)
+    factors = accumulate_factors(model, loss_fn, loop, blocks, dict(zip(names, tensors)), kind=kind,
+                                 mc_samples=int(mc_samples), seed=seed, mode=mode, approx=approx)
+    return _assemble(blocks, factors, shapes)
+
+
+# ------------------------------------------------------------------------- KFRA (BackPACK)
+def _check_structure(model: nn.Module, ext) -> None:
+    """Sequential containers and BackPACK-supported leaves only (else BackPACK is silently wrong)."""
+    supported = tuple(getattr(ext, "_BackpropExtension__module_extensions", {}).keys())
+    for name, m in model.named_modules():
+        label = f"{name or '<model>'} ({type(m).__name__})"
+        if any(True for _ in m.children()):
+            if not isinstance(m, nn.Sequential):
+                raise ValueError(
+                    f"kfac(kind='kfra') needs an nn.Sequential model (BackPACK follows the module order); module "
+                    f"{label} is a container with its own forward. Use kind='kflr' (any model).")
+        elif supported and type(m) not in supported:  # BackPACK looks up the exact class
+            raise ValueError(
+                f"kfac(kind='kfra'): module {label} is not supported by BackPACK's KFRA "
+                f"(supported: {sorted({t.__name__ for t in supported})}). Use kind='kflr' (any model).")
+
+
+def _kfra_blocks(model, loss_fn, loop: BatchLoop, blocks: list[LayerBlock], names: list[str], mode: str):
+    """KFRA factors from BackPACK: ``(blocks, [(G, A)])`` (joint Conv2d blocks are split: BackPACK's are separate).
+
+    BackPACK's conv factor ``G`` sums the output gradients over the ``T`` positions before the
+    outer product and its ``A`` sums the patch outer products over positions; ``A`` is
+    divided by ``T`` here (KFC's scale).  ``A`` of a joint Linear block is augmented by the
+    mean input and 1.  KFRA's recursion is not additive over batches: the result over a
+    DataLoader is a weighted average of per-batch KFRA.
+    """
     if not isinstance(loss_fn, (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)):
-        raise NotImplementedError(
-            f"kfac supports MSELoss, CrossEntropyLoss and BCEWithLogitsLoss, got {type(loss_fn).__name__}."
-        )
-    if isinstance(loss_fn, nn.CrossEntropyLoss) and (loss_fn.weight is not None or loss_fn.ignore_index != -100):
-        raise NotImplementedError("kfac (BackPACK) supports CrossEntropyLoss without class weights and ignore_index.")
-    if isinstance(loss_fn, nn.BCEWithLogitsLoss) and (loss_fn.weight is not None or loss_fn.pos_weight is not None):
-        raise NotImplementedError("kfac (BackPACK) supports BCEWithLogitsLoss without weight= and pos_weight=.")
-    ext_name, attribute = _KINDS[kind]
-    ext = getattr(extensions, ext_name)
-    ext = ext(mc_samples=int(mc_samples)) if kind == "kfac" else ext()
+        raise NotImplementedError(f"kfac(kind='kfra') supports MSELoss, CrossEntropyLoss and BCEWithLogitsLoss, "
+                                  f"got {type(loss_fn).__name__}.")
+    ext = _extension("KFRA")
     _check_structure(model, ext)
-    names, chosen = resolve_params(model, params)
-    plan = _plan(model, names, separate_bias)
-    device = chosen[0].device
-    loop = BatchLoop(data, device, reduction, order_sensitive=kind == "kfac", check=check_data,
-                     denominator=lambda X, y: mean_denominator(loss_fn, y, X.shape[0]))
-
+    split = []
+    for blk in blocks:
+        conv = isinstance(model.get_submodule(blk.modules[0]), nn.Conv2d)
+        if len(blk.modules) != 1:
+            raise ValueError(f"kfac(kind='kfra'): parameters {blk.param_names} are shared by modules {blk.modules}; "
+                             "BackPACK cannot handle tied weights. Use kind='kflr'.")
+        if blk.how == "joint" and conv:
+            split += [LayerBlock(n, [n], how, blk.modules) for n, how in zip(blk.param_names, ("weight", "bias"))]
+        else:
+            split.append(blk)
     work, lf, named = _extended_copies(model, loss_fn, names)
-    joint_layers = {blk for blk, _, how in plan if how == "joint"}
     mean_inputs: dict[str, Tensor] = {}
-    hooks = [work.get_submodule(layer).register_forward_hook(
-        lambda m, inp, out, layer=layer: mean_inputs.__setitem__(layer, inp[0].detach().mean(0)))
-        for layer in joint_layers]
+    positions: dict[str, int] = {}
 
-    # Conv2d weight blocks: BackPACK's factors are T times the KFC ones (T = output positions)
-    conv_positions: dict[str, int] = {}
-    conv_layers = {p[0].rsplit(".", 1)[0] for _, p, how in plan if how == "weight"}
-    conv_layers = {c for c in conv_layers if isinstance(work.get_submodule(c), nn.Conv2d)}
-    hooks += [work.get_submodule(layer).register_forward_hook(
-        lambda m, inp, out, layer=layer: conv_positions.__setitem__(layer, out.shape[-2] * out.shape[-1]))
-        for layer in conv_layers]
+    def record(m, inp, out, layer):
+        mean_inputs[layer] = inp[0].detach().mean(0)
+        if isinstance(m, nn.Conv2d):
+            positions[layer] = out.shape[-2] * out.shape[-1]
 
+    hooks = [work.get_submodule(blk.modules[0]).register_forward_hook(
+        lambda m, i, o, layer=blk.modules[0]: record(m, i, o, layer)) for blk in split]
     acc: dict[str, list[Tensor]] = {}
     xbar: dict[str, Tensor] = {}
     try:
         passes = _backpack_passes(
-            loop, work, lf, ext, named, names, attribute, seed=seed, mode=mode, device=device,
-            check_output=lambda z: _check_bce_output(loss_fn, z),
-            describe_error=lambda exc: f"BackPACK cannot compute {ext_name} for this model: {exc}",
-        )
+            loop, work, lf, ext, named, names, "kfra", seed=None, mode=mode, device=loop.device,
+            check_output=lambda z, y: _check_bce_output(loss_fn, z),
+            describe_error=lambda exc: f"BackPACK cannot compute KFRA for this model: {exc}")
         for _, X, w, values in passes:
-            w_in = X.shape[0] / loop.num_data  # input statistics are averages over examples
+            w_in = X.batch_size / loop.num_data
             for n, value in zip(names, values):
                 facs = [f.detach() for f in value]
-                weights = [w] + [w_in] * (len(facs) - 1)  # G: loss weight; A: example average
+                weights = [w] + [w_in] * (len(facs) - 1)
                 if n not in acc:
                     acc[n] = [torch.zeros_like(f) for f in facs]
                 for a, f, wt in zip(acc[n], facs, weights):
                     a.add_(f, alpha=wt)
-            for layer in joint_layers:
-                xb = mean_inputs.pop(layer).reshape(-1)
+            for layer, xb in mean_inputs.items():
+                xb = xb.reshape(-1)
                 xbar[layer] = xbar[layer].add(xb, alpha=w_in) if layer in xbar else w_in * xb
     finally:
         for h in hooks:
             h.remove()
-
-    for facs in acc.values():  # exactly symmetric (rounding in the einsums may leave ~eps asymmetry)
-        for f in facs:
-            f.copy_(0.5 * (f + f.T))
-    shapes = dict(zip(names, (p.shape for p in chosen)))
-    blocks = []
-    for blk, pnames, how in plan:
-        if how == "joint":
-            G, A = acc[pnames[0]]
-            xb = xbar[blk]
+    factors = []
+    for blk in split:
+        facs = [_symmetrized(f) for f in acc[blk.param_names[0]]]
+        layer = blk.modules[0]
+        if blk.how == "joint":
+            G, A = facs
+            xb = xbar[layer]
             one = torch.ones(1, 1, dtype=A.dtype, device=A.device)
-            At = torch.cat([torch.cat([A, xb[:, None]], 1), torch.cat([xb[None, :], one], 1)], 0)
-            blocks.append(KroneckerOperator(G, At, with_bias=True, param_shapes=[shapes[n] for n in pnames]))
-        elif how == "weight":
-            G, A = acc[pnames[0]]
-            layer = pnames[0].rsplit(".", 1)[0]
-            if layer in conv_positions:
-                A = A / conv_positions[layer]
-            blocks.append(KroneckerOperator(G, A, param_shapes=[shapes[pnames[0]]]))
+            A = torch.cat([torch.cat([A, xb[:, None]], 1), torch.cat([xb[None, :], one], 1)], 0)
+        elif blk.how == "weight":
+            G, A = facs
+            A = A / positions.get(layer, 1)
         else:
-            (G,) = acc[pnames[0]]
-            one = torch.ones(1, 1, dtype=G.dtype, device=G.device)
-            blocks.append(KroneckerOperator(G, one, param_shapes=[shapes[pnames[0]]]))
-    return KFACOperator(blocks, names=[blk for blk, _, _ in plan], param_names=[p for _, p, _ in plan])
+            G, A = facs[0], None
+        factors.append((G, A))
+    return split, factors
+
+
+def _check_bce_output(loss_fn, z: Tensor) -> None:
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss) and (z.dim() != 2 or z.shape[1] != 1):
+        raise NotImplementedError(
+            f"kfac(kind='kfra') (BackPACK) supports BCEWithLogitsLoss with one logit per example (output [N, 1]); "
+            f"got output shape {tuple(z.shape)}.")

@@ -46,7 +46,7 @@ from torch import Tensor
 from .linear_operator import LinearOperator
 from .structured import BlockDiagonalOperator
 
-__all__ = ["KroneckerOperator", "KFACOperator"]
+__all__ = ["MatrixLayoutOperator", "KroneckerOperator", "LayerBlockOperator", "KFACOperator"]
 
 _MODES = ("exact", "factored", "factored_pi")
 
@@ -57,7 +57,58 @@ def _is_sym(M: Tensor) -> bool:
     return bool(torch.allclose(M, M.T, rtol=0.0, atol=64 * eps * max(scale, 1e-300)))
 
 
-class KroneckerOperator(LinearOperator):
+class MatrixLayoutOperator(LinearOperator):
+    """Base of operators on one layer's flat parameters viewed as a matrix ``[p, q]``.
+
+    Holds the layout shared by :class:`KroneckerOperator` and
+    :class:`curvature.ekfac.EKFACBlock`: the flat vector is ``W.reshape(-1)`` of ``W``
+    ``[p, q]``, or with ``with_bias`` the vector ``[W.reshape(-1), b]`` of ``W`` ``[p, q - 1]``
+    and ``b`` ``[p]`` (the bias is the last column of the matrix ``[W | b]``).  Subclasses
+    implement the product on ``[k, p, q]`` stacks of matrices.
+    """
+
+    def __init__(self, p: int, q: int, *, dtype: torch.dtype, device: torch.device, is_symmetric: bool,
+                 with_bias: bool = False, param_shapes: Sequence[torch.Size] | None = None) -> None:
+        if with_bias and q < 2:
+            raise ValueError("with_bias=True needs an input factor B of size >= 2 (weight columns + 1).")
+        if param_shapes is None:
+            param_shapes = [torch.Size((p, q - 1)), torch.Size((p,))] if with_bias else [torch.Size((p, q))]
+        param_shapes = [torch.Size(s) for s in param_shapes]
+        if sum(s.numel() for s in param_shapes) != p * q:
+            raise ValueError(f"param_shapes {[tuple(s) for s in param_shapes]} do not have {p}*{q}={p * q} entries.")
+        super().__init__((p * q, p * q), dtype=dtype, device=device, is_symmetric=is_symmetric,
+                         param_shapes=param_shapes)
+        self.p, self.q, self.with_bias = p, q, bool(with_bias)
+        # perm[i] = position in the row-major vec of the [p, q] matrix of our flat entry i
+        if with_bias:
+            grid = torch.arange(p * q, device=device).reshape(p, q)
+            self._perm = torch.cat([grid[:, :-1].reshape(-1), grid[:, -1]])
+        else:
+            self._perm = None
+
+    # ------------------------------------------------------------ layout maps
+    def _to_mat(self, X: Tensor) -> Tensor:
+        """``[n, k]`` flat (our order) -> ``[k, p, q]`` matrices."""
+        if self._perm is not None:
+            Y = torch.empty_like(X)
+            Y[self._perm] = X
+            X = Y
+        return X.T.reshape(-1, self.p, self.q)
+
+    def _from_mat(self, M: Tensor) -> Tensor:
+        """``[k, p, q]`` -> ``[n, k]`` flat (our order)."""
+        X = M.reshape(M.shape[0], -1).T
+        return X[self._perm] if self._perm is not None else X
+
+    def _permute_vec(self, v: Tensor) -> Tensor:
+        return v[self._perm] if self._perm is not None else v
+
+    def _permute_dense(self, D: Tensor) -> Tensor:
+        """A dense ``[pq, pq]`` matrix in row-major vec order -> our flat order."""
+        return D[self._perm][:, self._perm] if self._perm is not None else D
+
+
+class KroneckerOperator(MatrixLayoutOperator):
     """``A ⊗ B + shift * I`` acting on ``vec(W) = W.reshape(-1)`` for ``W`` of shape ``[p, q]``.
 
     Args:
@@ -87,43 +138,14 @@ class KroneckerOperator(LinearOperator):
                             f"B is {B.dtype} on {B.device}.")
         if not math.isfinite(float(shift)):
             raise ValueError(f"shift must be finite, got {shift}.")
-        p, q = A.shape[0], B.shape[0]
-        if with_bias and q < 2:
-            raise ValueError("with_bias=True needs an input factor B of size >= 2 (weight columns + 1).")
-        if param_shapes is None:
-            param_shapes = [torch.Size((p, q - 1)), torch.Size((p,))] if with_bias else [torch.Size((p, q))]
-        param_shapes = [torch.Size(s) for s in param_shapes]
-        if sum(s.numel() for s in param_shapes) != p * q:
-            raise ValueError(f"param_shapes {[tuple(s) for s in param_shapes]} do not have {p}*{q}={p * q} entries.")
+        for name, F in (("A", A), ("B", B)):
+            if not bool(torch.isfinite(F).all()):
+                raise ValueError(f"Kronecker factor {name} has NaN/inf entries (non-finite parameters or data?).")
         sym = _is_sym(A) and _is_sym(B)
-        super().__init__((p * q, p * q), dtype=A.dtype, device=A.device, is_symmetric=sym,
-                         param_shapes=param_shapes)
-        self.A, self.B, self.shift, self.with_bias = A, B, float(shift), bool(with_bias)
-        self.p, self.q = p, q
+        super().__init__(A.shape[0], B.shape[0], dtype=A.dtype, device=A.device, is_symmetric=sym,
+                         with_bias=with_bias, param_shapes=param_shapes)
+        self.A, self.B, self.shift = A, B, float(shift)
         self._eig = None
-        # perm[i] = position in the row-major vec of the [p, q] matrix of our flat entry i
-        if with_bias:
-            grid = torch.arange(p * q, device=A.device).reshape(p, q)
-            self._perm = torch.cat([grid[:, :-1].reshape(-1), grid[:, -1]])
-        else:
-            self._perm = None
-
-    # ------------------------------------------------------------ layout maps
-    def _to_mat(self, X: Tensor) -> Tensor:
-        """``[n, k]`` flat (our order) -> ``[k, p, q]`` matrices."""
-        if self._perm is not None:
-            Y = torch.empty_like(X)
-            Y[self._perm] = X
-            X = Y
-        return X.T.reshape(-1, self.p, self.q)
-
-    def _from_mat(self, M: Tensor) -> Tensor:
-        """``[k, p, q]`` -> ``[n, k]`` flat (our order)."""
-        X = M.reshape(M.shape[0], -1).T
-        return X[self._perm] if self._perm is not None else X
-
-    def _permute_vec(self, v: Tensor) -> Tensor:
-        return v[self._perm] if self._perm is not None else v
 
     # ---------------------------------------------------------------- product
     def _matmat(self, X: Tensor) -> Tensor:
@@ -205,9 +227,7 @@ class KroneckerOperator(LinearOperator):
                                  with_bias=self.with_bias, param_shapes=self.param_shapes)
 
     def to_dense(self, chunk_size: int = 256) -> Tensor:
-        D = torch.kron(self.A, self.B)
-        if self._perm is not None:
-            D = D[self._perm][:, self._perm]
+        D = self._permute_dense(torch.kron(self.A, self.B))
         if self.shift != 0.0:
             D = D + self.shift * torch.eye(D.shape[0], dtype=self.dtype, device=self.device)
         return D
@@ -233,22 +253,22 @@ class KroneckerOperator(LinearOperator):
                 f"{', with_bias' if self.with_bias else ''}, dtype={self.dtype}, device={self.device})")
 
 
-class KFACOperator(BlockDiagonalOperator):
-    """Block-diagonal K-FAC: one :class:`KroneckerOperator` per layer (or per parameter).
+class LayerBlockOperator(BlockDiagonalOperator):
+    """Block-diagonal operator with one block per layer (or parameter), built by :func:`curvature.kfac` / ``ekfac``.
 
-    Built by :func:`curvature.kfac`.  ``blocks[i]`` acts on the parameters
-    ``param_names[i]`` (names in the model), ``names[i]`` is the layer name.  Exact solve,
-    damping, diagonal, trace and logdet go block by block through the factors.
+    ``blocks[i]`` acts on the parameters ``param_names[i]`` (names in the model),
+    ``names[i]`` is the block name.  Exact solve, damping, diagonal, trace and logdet go
+    block by block.
     """
 
-    def __init__(self, blocks: Sequence[KroneckerOperator], names: Sequence[str] | None = None,
+    def __init__(self, blocks: Sequence[LinearOperator], names: Sequence[str] | None = None,
                  param_names: Sequence[Sequence[str]] | None = None) -> None:
         super().__init__(blocks, names)
         self.param_names = [list(p) for p in param_names] if param_names is not None else None
 
-    def damped(self, damping: float, mode: str = "exact") -> KFACOperator:
-        """Every block damped (see :meth:`KroneckerOperator.damped`); ``"exact"`` is ``K + lam I``."""
-        return KFACOperator([b.damped(damping, mode) for b in self.blocks], self.names, self.param_names)
+    def damped(self, damping: float, mode: str = "exact"):
+        """Every block damped (see the blocks' ``damped``); ``"exact"`` is ``K + lam I``."""
+        return type(self)([b.damped(damping, mode) for b in self.blocks], self.names, self.param_names)
 
     def trace(self) -> Tensor:
         """Sum of the blocks' traces (a 0-d tensor)."""
@@ -257,6 +277,15 @@ class KFACOperator(BlockDiagonalOperator):
     def logdet(self) -> Tensor:
         """Sum of the blocks' log-determinants."""
         return torch.stack([b.logdet() for b in self.blocks]).sum()
+
+
+class KFACOperator(LayerBlockOperator):
+    """Block-diagonal K-FAC: one :class:`KroneckerOperator` per layer (or per parameter).
+
+    Built by :func:`curvature.kfac`.  ``blocks[i]`` acts on the parameters
+    ``param_names[i]`` (names in the model), ``names[i]`` is the layer name.  Exact solve,
+    damping, diagonal, trace and logdet go block by block through the factors.
+    """
 
     def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """``{layer name: (A, B)}`` (for a separate bias block the name ends in ``.bias``)."""

@@ -33,6 +33,8 @@ from .params import flatten, unflatten
 
 __all__ = [
     "LinearOperator",
+    "check_real_dtype",
+    "REAL_DTYPES",
     "IdentityOperator",
     "InverseOperator",
     "ConvergenceWarning",
@@ -45,6 +47,26 @@ __all__ = [
 
 class ConvergenceWarning(UserWarning):
     """An iterative solve stopped before reaching its tolerance."""
+
+
+REAL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_real_dtype(dtype: object, what: str) -> torch.dtype:
+    """Return ``dtype`` if it is a real floating dtype; raise ``TypeError`` otherwise.
+
+    Operators are real: integer matrices have no rounding model or ``finfo`` and the
+    products of autograd are floating; complex operators would need Hermitian adjoints
+    (``A^H``, not ``A^T``) throughout, which is not implemented, so they are refused
+    rather than treated with real transposes.
+    """
+    if not isinstance(dtype, torch.dtype) or dtype not in REAL_DTYPES:
+        hint = (" Complex operators are not supported (adjoints here are real transposes)."
+                if isinstance(dtype, torch.dtype) and dtype.is_complex else
+                " Convert the data first, e.g. matrix.to(torch.float64).")
+        raise TypeError(f"{what} needs a real floating dtype (float64, float32, float16 or bfloat16), "
+                        f"got {dtype}.{hint}")
+    return dtype
 
 
 def _is_scalar(x: object) -> bool:
@@ -84,7 +106,7 @@ class LinearOperator:
         if is_symmetric and m != n:
             raise ValueError(f"A symmetric operator must be square, got shape {(m, n)}.")
         self.shape = (m, n)
-        self.dtype = dtype
+        self.dtype = check_real_dtype(dtype, type(self).__name__)
         self.device = torch.device(device)
         self.is_symmetric = bool(is_symmetric)
         self.param_shapes = None if param_shapes is None else [torch.Size(s) for s in param_shapes]
@@ -133,6 +155,16 @@ class LinearOperator:
             return X.new_zeros(self.shape[0], 0)
         Y = self._matmat(X)
         self.num_matvecs += X.shape[1]
+        if not isinstance(Y, Tensor) or Y.shape != (self.shape[0], X.shape[1]):
+            raise ValueError(
+                f"{type(self).__name__}'s product returned "
+                f"{tuple(Y.shape) if isinstance(Y, Tensor) else type(Y).__name__} for an input of "
+                f"shape {tuple(X.shape)}; an operator of shape {self.shape} must return "
+                f"[{self.shape[0]}, {X.shape[1]}] (check the function's output rows)."
+            )
+        if Y.dtype != self.dtype:
+            raise TypeError(f"{type(self).__name__}'s product returned dtype {Y.dtype}; the operator "
+                            f"is declared {self.dtype} (return Y.to({self.dtype}) or declare the dtype).")
         if self.check_finite and not bool(torch.isfinite(Y).all()):
             raise FloatingPointError(
                 f"{type(self).__name__} produced NaN or inf in a matrix-vector product "
@@ -151,7 +183,8 @@ class LinearOperator:
         if isinstance(other, LinearOperator):
             return ProductOperator(self, other)
         if isinstance(other, np.ndarray):
-            X = torch.as_tensor(other, device=self.device).to(self.dtype)
+            # a negative-stride view (x[::-1]) has no torch equivalent: copy it
+            X = torch.as_tensor(np.ascontiguousarray(other), device=self.device).to(self.dtype)
             return (self @ X).cpu().numpy()
         if isinstance(other, (list, tuple)):
             return self._matmul_param_format(other)
@@ -262,19 +295,19 @@ class LinearOperator:
         """A ``scipy.sparse.linalg.LinearOperator`` view (numpy in, numpy out).
 
         ``eigsh``, ``cg``, ``lsmr`` and friends work on it unchanged.  bfloat16 and
-        float16 operators are exposed in float32 (numpy has no bfloat16).
+        float16 operators are exposed in float32 (numpy has no bfloat16).  Operators
+        are real (see :func:`check_real_dtype`), so the view is real too.
         """
         from scipy.sparse.linalg import LinearOperator as ScipyLinearOperator
 
-        np_dtype = {
-            torch.float64: np.float64,
-            torch.float32: np.float32,
-            torch.complex128: np.complex128,
-            torch.complex64: np.complex64,
-        }.get(self.dtype, np.float32)
+        np_dtype = np.float64 if self.dtype == torch.float64 else np.float32
 
         def to_torch(x):
-            return torch.as_tensor(np.asarray(x), device=self.device).to(self.dtype)
+            x = np.asarray(x)
+            if np.iscomplexobj(x):
+                raise TypeError("This operator is real; a complex vector would lose its imaginary "
+                                "part. Multiply the real and imaginary parts separately.")
+            return torch.as_tensor(np.ascontiguousarray(x), device=self.device).to(self.dtype)
 
         def to_numpy(t):
             return t.detach().cpu().to(torch.float64 if np_dtype == np.float64 else torch.float32).numpy().astype(np_dtype, copy=False)

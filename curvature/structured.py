@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .linear_operator import IdentityOperator, LinearOperator
+from .linear_operator import IdentityOperator, LinearOperator, check_real_dtype
 
 __all__ = [
     "DenseOperator",
@@ -28,9 +28,18 @@ class DenseOperator(LinearOperator):
     """An explicit matrix ``[m, n]`` as an operator.
 
     Args:
-        matrix: the matrix; its dtype and device become the operator's.
+        matrix: the matrix, real floating (an integer or complex matrix raises
+            ``TypeError``: convert it, e.g. ``matrix.to(torch.float64)``); its dtype
+            and device become the operator's.
         is_symmetric: ``None`` (default) checks ``matrix == matrix.T`` up to
             rounding; pass ``True``/``False`` to skip the check.
+
+    Example:
+        >>> import torch
+        >>> from curvature import DenseOperator
+        >>> A = DenseOperator(torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64))
+        >>> A.is_symmetric, (A @ torch.ones(2, dtype=torch.float64)).tolist()
+        (True, [3.0, 4.0])
     """
 
     def __init__(self, matrix: Tensor, *, is_symmetric: bool | None = None, param_shapes=None) -> None:
@@ -39,6 +48,7 @@ class DenseOperator(LinearOperator):
                 f"DenseOperator needs a 2-d tensor, got "
                 f"{type(matrix).__name__ if not isinstance(matrix, Tensor) else tuple(matrix.shape)}."
             )
+        check_real_dtype(matrix.dtype, "DenseOperator")
         if is_symmetric is None:
             is_symmetric = matrix.shape[0] == matrix.shape[1] and bool(
                 torch.allclose(matrix, matrix.T, rtol=1e-10, atol=1e-12 * float(matrix.abs().max().clamp(min=1)))
@@ -71,6 +81,7 @@ class DiagonalOperator(LinearOperator):
     def __init__(self, diagonal: Tensor, *, param_shapes=None) -> None:
         if not isinstance(diagonal, Tensor) or diagonal.dim() != 1:
             raise ValueError("DiagonalOperator needs a 1-d tensor of diagonal entries.")
+        check_real_dtype(diagonal.dtype, "DiagonalOperator")
         n = diagonal.shape[0]
         super().__init__((n, n), dtype=diagonal.dtype, device=diagonal.device,
                          is_symmetric=True, param_shapes=param_shapes)
@@ -156,6 +167,10 @@ class BlockDiagonalOperator(LinearOperator):
 
 class CallableOperator(LinearOperator):
     """An operator from a function ``X -> A @ X`` on ``[n, k]`` blocks.
+
+    The function's output is checked on every product: it must be ``[m, k]`` in the
+    declared dtype (``ValueError`` / ``TypeError`` otherwise), so a function returning
+    the wrong number of rows cannot pass silently.
 
     Args:
         matmat: the product on blocks of columns.

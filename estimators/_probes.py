@@ -15,6 +15,8 @@ from torch import Tensor
 
 from curvature import LinearOperator
 
+from ._validate import check_seed
+
 __all__ = ["make_generator", "rademacher", "gaussian", "sphere", "draw_probes", "PROBE_KINDS"]
 
 PROBE_KINDS = ("rademacher", "gaussian", "sphere")
@@ -26,7 +28,8 @@ def make_generator(
     """Return ``(generator, seed)``.
 
     Args:
-        seed: an integer seed, or ``None``.
+        seed: an integer seed in ``[-2^63, 2^64 - 1]``, or ``None`` (seed 0); floats
+            and bools are refused (no silent truncation).
         generator: an existing generator (wins over ``seed``; it must live on ``device``).
         device: the device the probes are drawn on (the operator's).
 
@@ -46,7 +49,7 @@ def make_generator(
                 f"create it with torch.Generator(device={str(device)!r})."
             )
         return generator, None
-    seed = 0 if seed is None else int(seed)
+    seed = 0 if seed is None else check_seed(seed)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return gen, seed

@@ -118,7 +118,9 @@ def default_problem(
         seed: seeds the data, the initialization (through ``torch.random.fork_rng``,
             so the caller's global RNG state is restored afterwards) and hence the
             whole training run.
-        dtype, device: of the model and the data.
+        dtype, device: of the model and the data.  For float16/bfloat16 the model is
+            trained in float32 (Adam's ``eps = 1e-8`` underflows to 0 in float16 and its
+            first step divides 0 by 0) and converted to ``dtype`` afterwards.
 
     Returns:
         A :class:`DefaultProblem` (unpacks as ``model, loss_fn, data``).
@@ -126,7 +128,8 @@ def default_problem(
     Cost: ``steps`` forward/backward passes on ``N`` points (about 0.3 s on one
     idle CPU core with the defaults: ``n = 676`` parameters).
     """
-    X, y = gaussian_mixture(num_samples, num_classes, dim, seed=seed, dtype=dtype, device=device)
+    train_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    X, y = gaussian_mixture(num_samples, num_classes, dim, seed=seed, dtype=train_dtype, device=device)
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(int(seed))
@@ -134,7 +137,7 @@ def default_problem(
             nn.Linear(dim, hidden), nn.Tanh(),
             nn.Linear(hidden, hidden), nn.Tanh(),
             nn.Linear(hidden, num_classes),
-        ).to(device=device, dtype=dtype)
+        ).to(device=device, dtype=train_dtype)
     loss_fn = nn.CrossEntropyLoss()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
@@ -144,6 +147,8 @@ def default_problem(
         opt.step()
     opt.zero_grad(set_to_none=True)
     model.eval()
+    model.to(dtype=dtype)
+    X = X.to(dtype)
     with torch.no_grad():
         logits = model(X)
         loss = float(loss_fn(logits, y))

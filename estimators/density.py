@@ -16,7 +16,9 @@ import torch
 
 from curvature import LinearOperator
 
+from ._precision import working_dtype
 from ._probes import PROBE_KINDS, check_square, draw_probes, make_generator
+from ._validate import check_int
 from .lanczos import eigh_small, lanczos_batched
 from .results import SpectralDensity
 
@@ -53,26 +55,24 @@ def spectral_density(
 
     Returns:
         :class:`~estimators.results.SpectralDensity` with ``nodes`` and ``weights``
-        ``[num_probes, num_steps]``, ``evaluate(grid, sigma)``, ``moments()``,
+        ``[num_probes, num_steps]`` (float32 for 16-bit operators, whose products are
+        done in their own dtype and the tridiagonal work in float32), ``evaluate(grid, sigma)``, ``moments()``,
         ``plot()``, ``save_plot(path)``.  Cost: ``num_probes * num_steps`` products (less
         if a probe's Krylov space becomes invariant).
     """
     n = check_square(op, "spectral_density", symmetric=True)
-    if isinstance(num_probes, bool) or int(num_probes) != num_probes or num_probes < 1:
-        raise ValueError(f"num_probes must be an integer >= 1, got {num_probes!r}.")
-    if int(num_steps) < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+    num_probes = check_int(num_probes, "num_probes")
+    m = min(check_int(num_steps, "num_steps"), n)
     if probe not in PROBE_KINDS:
         raise ValueError(f"Unknown probe distribution {probe!r}; use one of {PROBE_KINDS}.")
-    m = min(int(num_steps), n)
+    wdtype = working_dtype(op.dtype)
     if block_size is None:
-        per_probe = (m + 1) * n * torch.empty((), dtype=op.dtype).element_size()
-        block_size = max(1, min(int(num_probes), _MEMORY_BUDGET // max(per_probe, 1)))
-    if int(block_size) < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}.")
+        per_probe = (m + 1) * n * torch.empty((), dtype=wdtype).element_size()
+        block_size = max(1, min(num_probes, _MEMORY_BUDGET // max(per_probe, 1)))
+    block_size = check_int(block_size, "block_size")
     gen, seed = make_generator(seed, generator, op.device)
     before = op.num_matvecs
-    nodes = torch.zeros(num_probes, m, dtype=op.dtype, device=op.device)
+    nodes = torch.zeros(num_probes, m, dtype=wdtype, device=op.device)
     weights = torch.zeros_like(nodes)
     done = 0
     while done < num_probes:

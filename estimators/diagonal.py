@@ -6,6 +6,8 @@ diagonal matrix), with Gaussian probes ``sum_l A_jl^2 + A_jj^2``.  Sophia-H is t
 one-probe version with an EMA in place of the mean.  :func:`xdiag` (Epperly, Tropp,
 Webber 2024) adds the exchangeable low-rank correction of XTrace: exact on low-rank
 operators and far more accurate on spectra with outliers.
+
+Precision: as in :mod:`estimators.trace` (float32 bookkeeping for 16-bit operators).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import torch
 
 from curvature import LinearOperator
 
+from ._precision import matmat_in, working_dtype
 from ._probes import PROBE_KINDS, check_square, draw_probes, make_generator
+from ._validate import check_int
 from .results import DiagonalResult
 
 __all__ = ["hutchinson_diagonal", "xdiag"]
@@ -47,23 +51,22 @@ def hutchinson_diagonal(
         deviation per entry over ``sqrt(num_probes)``; NaN for one probe).
     """
     check_square(op, "hutchinson_diagonal")
-    if isinstance(num_probes, bool) or int(num_probes) != num_probes or num_probes < 1:
-        raise ValueError(f"num_probes must be an integer >= 1, got {num_probes!r}.")
-    if int(block_size) < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}.")
+    num_probes = check_int(num_probes, "num_probes")
+    block_size = check_int(block_size, "block_size")
     if probe not in PROBE_KINDS:
         raise ValueError(f"Unknown probe distribution {probe!r}; use one of {PROBE_KINDS}.")
     gen, seed = make_generator(seed, generator, op.device)
     before = op.num_matvecs
     # running mean and sum of squared deviations, combined block by block (Chan et al.):
     # no cancellation, so a diagonal matrix gives a standard error of exactly 0
-    mean = torch.zeros(op.shape[0], dtype=op.dtype, device=op.device)
+    wdtype = working_dtype(op.dtype)
+    mean = torch.zeros(op.shape[0], dtype=wdtype, device=op.device)
     m2 = torch.zeros_like(mean)
     s = 0
     while s < num_probes:
         b = min(int(block_size), num_probes - s)
-        Om = draw_probes(op, b, probe, gen)
-        X = Om * op.matmat(Om)
+        Om = draw_probes(op, b, probe, gen).to(wdtype)
+        X = Om * matmat_in(op, Om, wdtype)
         bmean = X.mean(dim=1)
         bm2 = ((X - bmean[:, None]) ** 2).sum(dim=1)
         delta = bmean - mean
@@ -104,8 +107,7 @@ def xdiag(
         :class:`~estimators.results.DiagonalResult` with ``method="xdiag"``.
     """
     n = check_square(op, "xdiag", symmetric=True)
-    if isinstance(num_matvecs, bool) or int(num_matvecs) != num_matvecs or num_matvecs < 4:
-        raise ValueError(f"num_matvecs must be an integer >= 4, got {num_matvecs!r}.")
+    num_matvecs = check_int(num_matvecs, "num_matvecs", minimum=4)
     if probe not in PROBE_KINDS:
         raise ValueError(f"Unknown probe distribution {probe!r}; use one of {PROBE_KINDS}.")
     k = int(num_matvecs) // 2
@@ -113,10 +115,11 @@ def xdiag(
         raise ValueError(f"xdiag with {num_matvecs} products needs n > m/2 = {k}; use op.diagonal().")
     gen, seed = make_generator(seed, generator, op.device)
     before = op.num_matvecs
-    Om = draw_probes(op, k, probe, gen)
-    Y = op.matmat(Om)
+    wdtype = working_dtype(op.dtype)
+    Om = draw_probes(op, k, probe, gen).to(wdtype)
+    Y = matmat_in(op, Om, wdtype)
     Q, R = torch.linalg.qr(Y)
-    Z = op.matmat(Q)
+    Z = matmat_in(op, Q, wdtype)
     eye = torch.eye(k, dtype=R.dtype, device=R.device)
     S = torch.linalg.solve_triangular(R, eye, upper=True).T  # columns R^{-T} e_i
     if not bool(torch.isfinite(S).all()):

@@ -24,16 +24,27 @@ vectors) is done in float64: it costs ``O(n m)`` per step, far less than a produ
 keeps the Ritz values at the accuracy of the products (``~1e-8`` relative on a float32
 MLP Hessian) instead of losing ``~1e-6`` to long float32 dot products.
 
-Convergence test (exact): Ritz pair ``(theta_i, x_i)`` is converged when
+Convergence test (exact residuals, rounding accounted for).  With ``anorm`` the largest
+``|Ritz value|`` seen (a lower bound on ``||A||_2``), ``eps`` the operator dtype's machine
+epsilon, ``u = eps / 2`` and ``e`` the rounding of one product, measured from the
+asymmetry of the stored projected matrix ``V^T A V`` (:mod:`estimators._precision`), Ritz pair ``(theta_i, x_i)`` is
+converged when
 
-    ||A x_i - theta_i x_i||_2 <= max(tol * max(|theta_i|, eps^(2/3) * anorm), 50 * eps * anorm)
+    ||A x_i - theta_i x_i||_2 + e <= tol * max(|theta_i|, eps^(2/3) * anorm),
 
-where ``anorm`` is the largest ``|Ritz value|`` seen (a lower bound on ``||A||_2``) and
-``eps`` the dtype's machine epsilon.  The ``eps^(2/3)`` guard is ARPACK's for
-eigenvalues near 0; the last term is the rounding floor of the products (it matters in
-float32 only).  A residual ``r`` bounds the eigenvalue error: some eigenvalue lies
-within ``r`` of ``theta`` and, with gap ``delta`` to the rest of the spectrum, within
-``r^2 / delta`` (reported as ``error_bounds``).
+i.e. when the residual *against the true operator* (the residual of the stored
+products plus their rounding) meets the tolerance.  The ``eps^(2/3)`` guard is ARPACK's
+for eigenvalues near 0.  A tolerance below the attainable accuracy of the dtype
+(``tol |theta| <= e``, e.g. ``tol = 1e-3`` in bfloat16) therefore never reports
+convergence: the iteration stops once the residual reaches the rounding floor
+``max(2 e, 10 u anorm)`` (further products cannot lower it), returns the
+pairs with ``converged = False`` and warns.  Numerically zero eigenvalues
+(``|theta| < eps^(2/3) anorm``, where a relative test is meaningless) count as converged
+at the rounding floor when that floor is within ``tol * anorm``.  A residual ``r`` bounds the eigenvalue
+error: some eigenvalue lies within ``r + e`` of ``theta`` and, with gap ``delta`` to the
+rest of the spectrum, within ``(r + e)^2 / delta + e`` (Kato-Temple on the true
+operator, whose Rayleigh quotient differs from ``theta`` by at most ``e``); the smaller
+is reported as ``error_bounds``.
 """
 
 from __future__ import annotations
@@ -46,7 +57,9 @@ from torch import Tensor
 
 from curvature import ConvergenceWarning, LinearOperator
 
+from ._precision import default_tolerance, measured_rounding, product_rounding, unit_roundoff, working_dtype
 from ._probes import check_square, make_generator
+from ._validate import check_int, check_tolerance
 from .lanczos import eigh_small as _eigh_small
 from .results import EigenResult
 
@@ -97,31 +110,46 @@ def _orthonormalize_against(Vt: Tensor, D: Tensor, drop: float) -> Tensor:
     return out[0].unsqueeze(1) if len(out) == 1 else torch.stack(out, dim=1)
 
 
-def _threshold(th: Tensor, theta_all: Tensor, tol: float, eps: float, anorm: float,
-               criterion: str, res: Tensor | None) -> Tensor:
-    """Residual norm below which each wanted Ritz pair counts as converged."""
-    thr = torch.clamp(tol * torch.clamp(th.abs(), min=eps ** (2.0 / 3.0) * anorm), min=50 * eps * anorm)
-    if criterion == "residual":
-        return thr
-    gaps = torch.empty_like(th)
-    for i in range(th.numel()):
-        d = (theta_all - th[i]).abs()
-        d = d[d > 0]
-        gaps[i] = d.min() if d.numel() else anorm
-    if res is not None:
-        gaps = gaps - res
-    return torch.maximum(thr, (thr * gaps.clamp(min=0)).sqrt())
+def _gaps(th: Tensor, theta_all: Tensor, anorm: float) -> Tensor:
+    """Distance from each ``th[i]`` to the nearest other value of ``theta_all`` (``anorm`` if none)."""
+    d = (theta_all[None, :] - th[:, None]).abs()
+    d = torch.where(d > 0, d, torch.full_like(d, float("inf")))
+    g = d.min(dim=1).values
+    return torch.where(torch.isfinite(g), g, torch.full_like(g, anorm))
 
 
-def _error_bounds(theta_sel: Tensor, theta_all: Tensor, res: Tensor) -> Tensor:
-    bounds = res.clone()
-    for i in range(theta_sel.numel()):
-        d = (theta_all - theta_sel[i]).abs()
-        d = d[d > 0]
-        if d.numel():
-            gap = d.min()
-            bounds[i] = torch.minimum(res[i], res[i] ** 2 / gap)
-    return bounds
+def _thresholds(th: Tensor, theta_all: Tensor, tol: float, eps: float, anorm: float, rounding: float,
+                floor: float, criterion: str, res: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(converge, stop)``: residual thresholds of convergence and of stopping per wanted pair.
+
+    ``converge`` makes the bound on the true operator (stored residual plus the products'
+    ``rounding``) meet ``tol``; it is ``<= 0`` where ``tol`` is below the attainable
+    accuracy.  Numerically zero values (``|theta| < eps^(2/3) anorm``) also converge at
+    the rounding ``floor`` when ``floor + rounding <= tol * anorm``.  ``stop`` is ``max(converge, floor)``: below the rounding floor further
+    products do not lower the residual.
+    """
+    thr = tol * torch.clamp(th.abs(), min=eps ** (2.0 / 3.0) * anorm)
+    if criterion == "eigenvalue":
+        gaps = _gaps(th, theta_all, anorm)
+        if res is not None:
+            gaps = gaps - res
+        thr = torch.maximum(thr, ((thr - rounding).clamp(min=0) * gaps.clamp(min=0)).sqrt())
+    conv = thr - rounding
+    if floor + rounding <= tol * anorm:
+        # numerically zero eigenvalues (|theta| < eps^(2/3) anorm): a residual at the
+        # rounding floor is the best any precision gives, and it meets tol relative to ||A||
+        conv = torch.where(th.abs() < eps ** (2.0 / 3.0) * anorm, conv.clamp(min=floor), conv)
+    return conv, conv.clamp(min=floor)
+
+
+def _error_bounds(theta_sel: Tensor, theta_all: Tensor, res: Tensor, rounding: float = 0.0) -> Tensor:
+    """``min(r + e, (r + e)^2 / gap + e)`` per pair (module docstring), ``e = rounding``."""
+    rt = res + rounding
+    d = (theta_all[None, :] - theta_sel[:, None]).abs()
+    d = torch.where(d > 0, d, torch.full_like(d, float("inf")))
+    gap = d.min(dim=1).values
+    kato_temple = torch.where(torch.isfinite(gap), rt**2 / gap + rounding, rt)
+    return torch.minimum(rt, kato_temple)
 
 
 def _more_wanted(a: float, b: float, which: str, margin: float) -> bool:
@@ -200,7 +228,7 @@ def top_eigenvalues(
     k: int = 1,
     which: str = "LA",
     *,
-    tol: float = 1e-6,
+    tol: float | None = None,
     max_matvecs: int | None = None,
     v0: Tensor | None = None,
     seed: int | None = None,
@@ -217,7 +245,9 @@ def top_eigenvalues(
         k: number of eigenpairs, ``1 <= k <= n``.
         which: ``"LA"`` largest algebraic (default), ``"SA"`` smallest algebraic,
             ``"LM"`` largest magnitude.
-        tol: relative residual tolerance (see the module docstring for the exact test).
+        tol: relative residual tolerance (see the module docstring for the exact test);
+            default (``None``) by dtype: 1e-6 float64, 1e-5 float32, 3e-2 bfloat16/float16
+            (:func:`estimators._precision.default_tolerance`).
             ``tol = 1e-6`` gives eigenvalues to ~1e-6 relative in the worst case
             (``|theta - lambda| <= r``) and ~``tol^2 |theta| / relgap`` typically.
         max_matvecs: product budget (default ``max(1000, 20 max_basis)``); if it runs
@@ -268,29 +298,29 @@ def top_eigenvalues(
     n = check_square(op, "top_eigenvalues", symmetric=True)
     if which not in _WHICH:
         raise ValueError(f"Unknown which={which!r}; use 'LA' (largest), 'SA' (smallest) or 'LM' (magnitude).")
-    k = int(k)
+    k = check_int(k, "k", minimum=None)
     if k < 1 or k > n:
         raise ValueError(f"k must satisfy 1 <= k <= n = {n}, got k = {k}.")
-    if not tol > 0:
-        raise ValueError(f"tol must be positive, got {tol}.")
+    tol = check_tolerance(default_tolerance(op.dtype) if tol is None else tol, "tol")
     if criterion not in ("residual", "eigenvalue"):
         raise ValueError(f"Unknown criterion={criterion!r}; use 'residual' or 'eigenvalue'.")
-    b = int(block_size)
-    if b < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}.")
-    mb = min(n, max(40, 3 * k + 10)) if max_basis is None else min(int(max_basis), n)
+    b = check_int(block_size, "block_size")
+    mb = min(n, max(40, 3 * k + 10)) if max_basis is None else min(check_int(max_basis, "max_basis"), n)
     if mb < n and mb < k + b:
         raise ValueError(f"max_basis = {mb} must be at least k + block_size = {k + b} (or n).")
-    budget = max(1000, 20 * mb) if max_matvecs is None else int(max_matvecs)
+    budget = max(1000, 20 * mb) if max_matvecs is None else check_int(max_matvecs, "max_matvecs")
     gen, seed_used = make_generator(seed, generator, op.device)
     dtype, device = op.dtype, op.device
     # Krylov bookkeeping (basis, projections, Ritz vectors) in float64 for lower-precision
     # operators: O(n m) per step, cheap next to a product, and it keeps the Rayleigh-Ritz
     # values from losing ~sqrt(n) eps_32 to long float32 dot products.  Floors below use
     # the operator's epsilon (the products' rounding).
-    wdtype = torch.float64 if dtype in (torch.float32, torch.float16, torch.bfloat16) else dtype
+    wdtype = working_dtype(dtype, small=True)
     eps = torch.finfo(dtype).eps
     eps23 = eps ** (2.0 / 3.0)
+    # the residual floor the products' rounding allows (relative to anorm; the rounding
+    # itself is measured from the skew part of F = V^T W at each step)
+    floor_rel = 10 * unit_roundoff(dtype)
     before = op.num_matvecs
 
     # ---- start basis
@@ -365,7 +395,9 @@ def top_eigenvalues(
         kk = min(k, m)
         sel = order[:kk]
         th, Ys = theta[sel], Y[:, sel]
-        thresh = _threshold(th, theta, tol, eps, anorm, criterion, None)
+        rounding = measured_rounding(F[:m, :m], n, dtype, anorm)
+        floor = max(2 * rounding, floor_rel * anorm)
+        conv_thr, stop_thr = _thresholds(th, theta, tol, eps, anorm, rounding, floor, criterion, None)
         # residual norms from the Gram matrix G = W^T W; the exact residuals
         # W y - theta V y read all of V and W, so they are formed only where needed
         # ||W y - theta V y||^2 = y^T G y - 2 theta y^T F y + theta^2 (V orthonormal, y
@@ -374,7 +406,7 @@ def top_eigenvalues(
         # ~sqrt(m eps_64) anorm, below which the exact residual decides
         est = ((Ys * (G[:m, :m] @ Ys)).sum(0) - 2 * th * (Ys * (F[:m, :m] @ Ys)).sum(0)
                + th**2).clamp(min=0).sqrt()
-        near = est <= 10 * thresh + 10 * math.sqrt(m * eps_w) * anorm
+        near = est <= 10 * stop_thr + 10 * math.sqrt(m * eps_w) * anorm
         res = est.clone()
         if m == n:
             near[:] = True
@@ -384,10 +416,11 @@ def top_eigenvalues(
         if bool(near.all()):
             Yn = Ys[:, near]  # row form: a [k, m] x [m, n] product streams V and W once
             res[near] = torch.addmm(Yn.T @ Wt[:m], (Yn * th[near]).T, Vt[:m], alpha=-1).norm(dim=1)
-        thresh = _threshold(th, theta, tol, eps, anorm, criterion, res)
-        conv = (res <= thresh) | torch.tensor(m == n, device=device)
+        conv_thr, stop_thr = _thresholds(th, theta, tol, eps, anorm, rounding, floor, criterion, res)
+        # pairs done (converged, or at the rounding floor); at m == n Rayleigh-Ritz is exact
+        conv = res <= stop_thr
         spent = op.num_matvecs - before
-        if (m >= k and bool(conv.all())) or spent >= budget:
+        if (m >= k and bool(conv.all())) or m == n or spent >= budget:
             break
         # ---- restart: keep the most wanted Ritz vectors and their products
         if m + b > mb:
@@ -438,18 +471,29 @@ def top_eigenvalues(
     Xt = Ys.T @ Vt[:m]
     res = torch.addcmul(Ys.T @ Wt[:m], th[:, None], Xt, value=-1).norm(dim=1)
     X = Xt.T
-    thresh = _threshold(th, theta, tol, eps, anorm, criterion, res)
-    conv = (res <= thresh) | torch.tensor(m == n, device=device)
+    rounding = measured_rounding(F[:m, :m], n, dtype, anorm)
+    floor = max(2 * rounding, floor_rel * anorm)
+    conv_thr, stop_thr = _thresholds(th, theta, tol, eps, anorm, rounding, floor, criterion, res)
+    # an exactly zero residual with zero rounding (e.g. the zero operator) is exact
+    exact = (res == 0) & (rounding == 0)
+    conv = ((conv_thr > 0) & (res <= (torch.maximum(conv_thr, stop_thr) if m == n else conv_thr))) | exact
     if verify and kk == k and k < n and bool(conv.all()):
         th, X, res, theta = _verify_multiplicities(
             op, which, th, X, (Ys.T @ Wt[:m]).T, theta, tol=tol, criterion=criterion,
             budget=budget - (op.num_matvecs - before), gen=gen, max_basis=max_basis)
-        thresh = _threshold(th, theta, tol, eps, anorm, criterion, res)
-        conv = res <= thresh
+        conv_thr, _ = _thresholds(th, theta, tol, eps, anorm, rounding, floor, criterion, res)
+        conv = ((conv_thr > 0) & (res <= conv_thr)) | ((res == 0) & (rounding == 0))
     if kk < k or not bool(conv.all()):
+        unattainable = bool(((conv_thr < floor) & ~conv).any()) and op.num_matvecs - before < budget
+        rel, frel = rounding / max(anorm, 1e-300), floor / max(anorm, 1e-300)
+        need = (frel + rel) / max(float(th.abs().min()) / max(anorm, 1e-300), eps23)
+        why = (f": tol={tol:g} is below the attainable accuracy of {dtype} products (residuals stop "
+               f"falling at the rounding floor {frel:.1e} ||A||, the products' rounding is measured "
+               f"at {rel:.1e} ||A||); use a float64 operator or tol >= {need:.1e}"
+               if unattainable else f" within max_matvecs={budget}")
         warnings.warn(
-            f"top_eigenvalues: {int(conv.sum())} of {k} eigenpairs converged to tol={tol:g} "
-            f"within max_matvecs={budget} (largest relative residual "
+            f"top_eigenvalues: {int(conv.sum())} of {k} eigenpairs converged to tol={tol:g}"
+            f"{why} (largest relative residual "
             f"{float((res / th.abs().clamp(min=eps23 * max(anorm, 1e-300))).max()):.2e}).",
             ConvergenceWarning,
             stacklevel=2,
@@ -458,7 +502,7 @@ def top_eigenvalues(
         eigenvalues=th.to(dtype),
         eigenvectors=X.to(dtype),
         residuals=res.to(dtype),
-        error_bounds=_error_bounds(th, theta, res).to(dtype),
+        error_bounds=_error_bounds(th, theta, res, rounding).to(dtype),
         converged=conv,
         num_matvecs=op.num_matvecs - before,
         num_restarts=restarts,
@@ -471,7 +515,7 @@ def power_iteration(
     op: LinearOperator,
     k: int = 1,
     *,
-    tol: float = 1e-6,
+    tol: float | None = None,
     max_iters: int = 1000,
     v0: Tensor | None = None,
     seed: int | None = None,
@@ -492,7 +536,7 @@ def power_iteration(
     Args:
         op: symmetric operator ``[n, n]``.
         k: number of pairs (``1 <= k <= n``).
-        tol: relative residual tolerance.
+        tol: relative residual tolerance (default by dtype, as for :func:`top_eigenvalues`).
         max_iters: product limit per pair.
         v0: start vector ``[n]`` or ``[n, k]`` (one column per pair).
         seed, generator: randomness for the start vectors.
@@ -503,16 +547,23 @@ def power_iteration(
         product per iteration.
     """
     n = check_square(op, "power_iteration", symmetric=True)
-    k = int(k)
+    k = check_int(k, "k", minimum=None)
     if k < 1 or k > n:
         raise ValueError(f"k must satisfy 1 <= k <= n = {n}, got k = {k}.")
+    tol = check_tolerance(default_tolerance(op.dtype) if tol is None else tol, "tol")
+    max_iters = check_int(max_iters, "max_iters")
     gen, seed_used = make_generator(seed, generator, op.device)
     dtype, device = op.dtype, op.device
     if v0 is not None:
+        if not isinstance(v0, Tensor) or v0.dim() not in (1, 2) or v0.shape[0] != n:
+            raise ValueError(f"v0 must have shape [{n}] or [{n}, j], got {getattr(v0, 'shape', v0)!r}.")
         v0 = v0.to(device=device, dtype=dtype)
         v0 = v0.unsqueeze(1) if v0.dim() == 1 else v0
-        if v0.shape[0] != n:
-            raise ValueError(f"v0 must have shape [{n}] or [{n}, j], got {tuple(v0.shape)}.")
+        if not bool(torch.isfinite(v0).all()):
+            raise ValueError("v0 contains NaN or inf.")
+    anorm = 0.0
+    floor_rel = min(max(math.sqrt(n), 20.0), 100.0) * unit_roundoff(dtype)
+    rounding_rel = product_rounding(n, dtype, 1.0)
     before = op.num_matvecs
     X = torch.zeros(n, 0, device=device, dtype=dtype)
     thetas, res, conv = [], [], []
@@ -522,7 +573,12 @@ def power_iteration(
         else:
             v = torch.randn(n, generator=gen, device=device, dtype=dtype)
         v = v - X @ (X.T @ v)
-        v = v / v.norm()
+        nv = float(v.norm())
+        if not nv > 0:
+            which_v = f"v0[:, {i}]" if v0 is not None and i < v0.shape[1] else "the random start"
+            raise ValueError(f"power_iteration: {which_v} is zero (or lies in the span of the "
+                             f"{i} pairs found before); pass a nonzero start vector.")
+        v = v / nv
         theta = torch.zeros((), device=device, dtype=dtype)
         r = torch.full((), float("inf"), device=device, dtype=dtype)
         ok = False
@@ -531,8 +587,11 @@ def power_iteration(
             theta = v @ w
             r = (w - theta * v).norm()
             w = w - X @ (X.T @ w)
-            ok = bool((w - theta * v).norm() <= tol * theta.abs())
-            if ok:
+            anorm = max(anorm, abs(float(theta)))
+            rd = float((w - theta * v).norm())
+            # converged: deflated residual plus the products' rounding within tol
+            ok = rd + rounding_rel * anorm <= tol * abs(float(theta))
+            if ok or rd <= floor_rel * anorm:  # at the rounding floor: no further progress
                 break
             nw = w.norm()
             if not nw > 0:
@@ -548,7 +607,8 @@ def power_iteration(
     if not bool(cv.all()):
         warnings.warn(
             f"power_iteration: {int(cv.sum())} of {k} eigenpairs converged to tol={tol:g} "
-            f"within max_iters={max_iters}.",
+            f"within max_iters={max_iters} (the products' rounding in {dtype} is modelled as "
+            f"{rounding_rel:.1e} ||A||).",
             ConvergenceWarning,
             stacklevel=2,
         )
@@ -556,7 +616,7 @@ def power_iteration(
         eigenvalues=th,
         eigenvectors=X,
         residuals=rs,
-        error_bounds=_error_bounds(th, th, rs),
+        error_bounds=_error_bounds(th, th, rs, rounding_rel * anorm),
         converged=cv,
         num_matvecs=op.num_matvecs - before,
         num_restarts=0,

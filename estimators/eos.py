@@ -19,8 +19,25 @@ Two problems, both trained by full-batch gradient descent and tracked with
   below ``2/lr`` and converges there (the paper's "slightly off" edge of stability).
 
 ``run_edge_of_stability`` returns an :class:`EoSResults` (per learning rate: onset
-step, median sharpness/(2/lr) after the onset, whether sharpening preceded it, cost)
-and writes ``eos.png`` and ``eos.json`` into ``out_dir``.
+step, the band min / median / max of sharpness/(2/lr) over the measurements after the
+onset, whether sharpening preceded it, cost) and writes ``eos.png`` and ``eos.json``
+into ``out_dir``.
+
+Initialisation (``init``): ``"private"`` (default) draws the tanh net's weights from a
+private generator (the global RNG is untouched); ``"authors"`` reproduces the official
+code call by call -- ``torch.manual_seed(seed)``, the float32 ``nn.Linear`` constructors
+(which consume the global RNG), then ``xavier_normal_`` with gain 1.9 / zero bias /
+``xavier_normal_`` from the same global stream (``make_one_layer_network``), and the
+float32 grid ``torch.linspace(-1, 1, 20)`` labelled in float32 -- then casts to
+``dtype`` (float64 by default; the official runs train in float32 on a GPU).  The
+global RNG state is restored afterwards.
+
+Sampling: after the onset GD on this toy oscillates with period 2 along the top
+eigenvector, and the sharpness measured at even and odd steps differs.  Measuring every
+``every`` steps with ``every`` even samples one phase only and biases the median; the
+full setting measures every step (``every = 1``; the fast one every 7th, an odd
+interval, so both phases are sampled).  If measuring every step is too costly, use an
+odd ``every`` (the phases alternate) or measure consecutive pairs.
 
 ``run_adam_edge_of_stability`` is the adaptive counterpart (Cohen et al. 2022): full-batch
 Adam on the tanh problem, tracking the preconditioned sharpness
@@ -52,6 +69,7 @@ __all__ = [
     "train_gd",
     "run_edge_of_stability",
     "run_adam_edge_of_stability",
+    "post_onset_band",
     "DEFAULTS",
 ]
 
@@ -70,23 +88,47 @@ class HalfMSELoss(nn.Module):
         return 0.5 * (sq.mean() if self.reduction == "mean" else sq.sum())
 
 
-def chebyshev_data(n: int = 20, degree: int = 3, *, dtype=torch.float64, device="cpu") -> tuple[Tensor, Tensor]:
-    """``n`` points evenly spaced on ``[-1, 1]`` (``[n, 1]``) with targets ``T_degree(x)`` (``[n, 1]``)."""
-    x = np.linspace(-1.0, 1.0, n)
+def chebyshev_data(n: int = 20, degree: int = 3, *, float32_grid: bool = False, dtype=torch.float64,
+                   device="cpu") -> tuple[Tensor, Tensor]:
+    """``n`` points evenly spaced on ``[-1, 1]`` (``[n, 1]``) with targets ``T_degree(x)`` (``[n, 1]``).
+
+    ``float32_grid=True`` builds them as the official ``make_chebyshev_dataset`` does (a
+    float32 ``torch.linspace``, targets rounded to float32) before casting to ``dtype``.
+    """
     c = np.zeros(degree + 1)
     c[-1] = 1.0
-    y = np.polynomial.chebyshev.chebval(x, c)
+    if float32_grid:
+        x = torch.linspace(-1, 1, n, dtype=torch.float32).numpy()
+        y = np.asarray(np.polynomial.chebyshev.chebval(x, c), dtype=np.float32)
+    else:
+        x = np.linspace(-1.0, 1.0, n)
+        y = np.polynomial.chebyshev.chebval(x, c)
     X = torch.tensor(x, dtype=dtype, device=device).unsqueeze(1)
     return X, torch.tensor(y, dtype=dtype, device=device).unsqueeze(1)
 
 
-def tanh_regression_net(width: int = 100, gain: float = 1.9, *, seed: int = 0, dtype=torch.float64,
-                        device="cpu") -> nn.Sequential:
+def tanh_regression_net(width: int = 100, gain: float = 1.9, *, seed: int = 0, init: str = "private",
+                        dtype=torch.float64, device="cpu") -> nn.Sequential:
     """``Linear(1, width) - Tanh - Linear(width, 1, bias=False)`` initialised as in the EoS code.
 
     First weight Xavier-normal with ``gain``, zero first bias, second weight Xavier-normal
-    (gain 1).  Drawn from a private generator: the global RNG state is not touched.
+    (gain 1).  ``init="private"``: drawn from a private generator.  ``init="authors"``:
+    the official ``make_one_layer_network`` call by call (``torch.manual_seed(seed)``,
+    float32 modules, the global stream), then cast to ``dtype``.  Either way the global
+    RNG state is unchanged afterwards.
     """
+    if init == "authors":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = nn.Sequential(nn.Linear(1, width, dtype=torch.float32), nn.Tanh(),
+                                nn.Linear(width, 1, bias=False, dtype=torch.float32))
+            with torch.no_grad():
+                nn.init.xavier_normal_(net[0].weight, gain=gain)
+                nn.init.zeros_(net[0].bias)
+                nn.init.xavier_normal_(net[2].weight)
+        return net.to(dtype=dtype, device=device)
+    if init != "private":
+        raise ValueError(f"Unknown init {init!r}; use 'private' or 'authors'.")
     with torch.random.fork_rng(devices=[]):
         net = nn.Sequential(nn.Linear(1, width), nn.Tanh(), nn.Linear(width, 1, bias=False))
     net = net.to(dtype=dtype)
@@ -156,7 +198,7 @@ class SecondOrderRegression(nn.Module):
 # ------------------------------------------------------------------------ experiment
 DEFAULTS = {
     # problem: (lrs, steps, every) full / fast
-    "tanh": {"full": ((0.2, 0.25, 0.33, 0.4), 3000, 25), "fast": ((0.4,), 600, 20)},
+    "tanh": {"full": ((0.2, 0.25, 0.33, 0.4), 3000, 1), "fast": ((0.4,), 600, 7)},
     "quadratic": {"full": ((1.0, 1.2, 1.45), 300, 2), "fast": ((1.2,), 100, 2)},
 }
 
@@ -169,6 +211,8 @@ class EoSRun:
         lr: learning rate; ``threshold`` = ``2 / lr``.
         onset: step of the edge-of-stability onset (first sharpness >= 0.95 x 2/lr) or ``None``.
         median_ratio: median of sharpness / (2/lr) over the measurements from the onset on.
+        min_ratio, max_ratio: the band's ends over the same measurements (``None``
+            without an onset).  With ``every = 1`` these are all steps after the onset.
         progressive_sharpening: the monitor's rule (sharpness rose before the onset).
         initial_sharpness, max_sharpness, final_loss: as named.
         mean_matvecs: Hessian-vector products per measurement (warm-started Lanczos).
@@ -190,7 +234,21 @@ class EoSRun:
     seconds: float
     exact_max_abs_error: float | None = None
     diverged: bool = False
+    min_ratio: float | None = None
+    max_ratio: float | None = None
     history: list[dict] = field(default_factory=list, repr=False)
+
+
+def post_onset_band(monitor: SharpnessMonitor) -> tuple[float | None, float | None, float | None]:
+    """``(min, median, max)`` of sharpness / threshold over the monitor's measurements from the onset on."""
+    i = monitor.eos_onset_index
+    if i is None:
+        return None, None, None
+    ratios = [r.ratio for r in monitor.history[i:] if r.ratio is not None]
+    if not ratios:
+        return None, None, None
+    t = torch.tensor(ratios, dtype=torch.float64)
+    return float(t.min()), float(t.median()), float(t.max())
 
 
 @dataclass(frozen=True)
@@ -205,12 +263,13 @@ class EoSResults:
     def table(self) -> str:
         """A small text table, one line per learning rate (``thresh``: 2/lr for GD, 38/lr for Adam)."""
         lines = [f"{'lr':>6} {'thresh':>7} {'S_0':>7} {'S_max':>7} {'onset':>6} {'median S/thresh':>16} "
-                 f"{'sharpening':>10} {'HVP/meas':>8} {'loss':>9}"]
+                 f"{'band min-max':>13} {'sharpening':>10} {'HVP/meas':>8} {'loss':>9}"]
         for r in self.runs:
+            band = f"{r.min_ratio:.3f}-{r.max_ratio:.3f}" if r.min_ratio is not None else "-"
             lines.append(
                 f"{r.lr:6.3g} {r.threshold:7.3f} {r.initial_sharpness:7.3f} {r.max_sharpness:7.3f} "
                 f"{str(r.onset):>6} {('%.3f' % r.median_ratio) if r.median_ratio is not None else '-':>16} "
-                f"{str(r.progressive_sharpening):>10} {r.mean_matvecs:8.1f} {r.final_loss:9.2e}"
+                f"{band:>13} {str(r.progressive_sharpening):>10} {r.mean_matvecs:8.1f} {r.final_loss:9.2e}"
             )
         return "\n".join(lines)
 
@@ -252,10 +311,11 @@ def train_gd(model: nn.Module, loss_fn, data, lr: float, steps: int, every: int,
     return mon, exact, False
 
 
-def _make_problem(problem: str, seed: int, dtype, device):
+def _make_problem(problem: str, seed: int, dtype, device, init: str = "private"):
     if problem == "tanh":
-        model = tanh_regression_net(seed=seed, dtype=dtype, device=device)
-        return model, HalfMSELoss(), chebyshev_data(dtype=dtype, device=device), None
+        model = tanh_regression_net(seed=seed, init=init, dtype=dtype, device=device)
+        data = chebyshev_data(float32_grid=init == "authors", dtype=dtype, device=device)
+        return model, HalfMSELoss(), data, None
     if problem == "quadratic":
         model = SecondOrderRegression(seed=seed, dtype=dtype, device=device)
         return model, HalfMSELoss(), model.data(), model.hessian
@@ -279,14 +339,17 @@ def run_edge_of_stability(
     filename: str = "eos",
     num_threads: int | None = 1,
     verbose: bool = False,
+    init: str = "private",
 ) -> EoSResults:
     """Full-batch GD at several learning rates with sharpness tracked against ``2/lr``.
 
     Args:
         lrs: learning rates (default per problem, see :data:`DEFAULTS`: tanh
-            ``(0.2, 0.25, 0.33, 0.4)``, 3000 steps, every 25; ``fast``: ``(0.4,)``, 600
-            steps; quadratic ``(1.0, 1.2, 1.45)``, 300 steps, every 2).
-        steps, every: training steps and measurement interval (defaults per problem).
+            ``(0.2, 0.25, 0.33, 0.4)``, 3000 steps, every step; ``fast``: ``(0.4,)``, 600
+            steps, every 7th; quadratic ``(1.0, 1.2, 1.45)``, 300 steps, every 2).
+        steps, every: training steps and measurement interval (defaults per problem;
+            an even ``every`` sees one phase of a period-2 oscillation only, see the
+            module docstring).
         out_dir: where ``{filename}.png`` and ``{filename}.json`` go (``None``: no files).
         fast: the cheap default setting (seconds).
         seed: model initialisation (and the monitor's generator).
@@ -297,10 +360,16 @@ def run_edge_of_stability(
         num_threads: torch CPU threads during the run (restored afterwards); ``1`` is
             much faster for these tiny models on a busy machine (``None``: unchanged).
         verbose: print the table.
+        init: ``"private"`` or ``"authors"`` (the official initialisation and float32
+            grid; tanh problem only).
 
     Returns:
         :class:`EoSResults`.
     """
+    if init not in ("private", "authors"):
+        raise ValueError(f"Unknown init {init!r}; use 'private' or 'authors'.")
+    if init == "authors" and problem != "tanh":
+        raise ValueError("init='authors' is the official tanh-network initialisation; use problem='tanh'.")
     cfg = DEFAULTS.get(problem)
     if cfg is None:
         raise ValueError(f"Unknown problem {problem!r}; use 'tanh' or 'quadratic'.")
@@ -314,7 +383,7 @@ def run_edge_of_stability(
     if num_threads is not None:
         torch.set_num_threads(int(num_threads))
     try:
-        runs = _run_all(problem, lrs, steps, every, seed, dtype, device, k, tol, max_matvecs)
+        runs = _run_all(problem, lrs, steps, every, seed, dtype, device, k, tol, max_matvecs, init)
     finally:
         torch.set_num_threads(threads)
     res = EoSResults(problem=problem, runs=runs, png=None, json=None)
@@ -324,7 +393,7 @@ def run_edge_of_stability(
         js = os.path.join(out_dir, f"{filename}.json")
         _plot(res, png)
         with open(js, "w") as f:
-            json.dump({"problem": problem, "steps": steps, "every": every, "seed": seed,
+            json.dump({"problem": problem, "steps": steps, "every": every, "seed": seed, "init": init,
                        "runs": [asdict(r) for r in runs]}, f, indent=1)
         res = replace(res, png=png, json=js)
     if verbose:
@@ -332,10 +401,10 @@ def run_edge_of_stability(
     return res
 
 
-def _run_all(problem, lrs, steps, every, seed, dtype, device, k, tol, max_matvecs) -> list[EoSRun]:
+def _run_all(problem, lrs, steps, every, seed, dtype, device, k, tol, max_matvecs, init="private") -> list[EoSRun]:
     runs = []
     for lr in lrs:
-        model, loss_fn, data, exact_h = _make_problem(problem, seed, dtype, device)
+        model, loss_fn, data, exact_h = _make_problem(problem, seed, dtype, device, init)
         t0 = time.perf_counter()
         mon, exact, diverged = train_gd(model, loss_fn, data, lr, steps, every, k=k, tol=tol,
                                         max_matvecs=max_matvecs, seed=seed, exact_hessian=exact_h)
@@ -346,11 +415,12 @@ def _run_all(problem, lrs, steps, every, seed, dtype, device, k, tol, max_matvec
         if exact:
             err = max(abs(a - b) for a, b in zip(s, exact))
         summ = mon.summary()
+        lo, _, hi = post_onset_band(mon)
         runs.append(EoSRun(
             lr=lr, threshold=2.0 / lr, onset=mon.eos_onset, median_ratio=mon.eos_ratio_median(),
             progressive_sharpening=mon.progressive_sharpening, initial_sharpness=s[0], max_sharpness=max(s),
             final_loss=hist[-1].loss, mean_matvecs=summ["mean_matvecs"], seconds=secs,
-            exact_max_abs_error=err, diverged=diverged, history=mon.to_records(),
+            exact_max_abs_error=err, diverged=diverged, min_ratio=lo, max_ratio=hi, history=mon.to_records(),
         ))
     return runs
 

@@ -14,6 +14,12 @@ converged eigenvalues appear.  Memory: ``p (m + 1) n`` numbers.
 
 A process that reaches an invariant subspace (``beta_j <= 100 eps ||T||``) stops after
 ``j`` steps: its quadrature is then exact and further steps would be noise.
+
+Precision: the basis, the coefficients and the reorthogonalization are kept in the
+working dtype of :func:`estimators._precision.working_dtype`: the operator's dtype for
+float32/float64, float32 for float16/bfloat16 operators (whose products are still done
+in their own dtype; LAPACK has no half-precision ``eigh``, and half-precision
+Gram-Schmidt would lose orthogonality at once).  Results come back in that dtype.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from torch import Tensor
 
 from curvature import LinearOperator
 
+from ._precision import LOW_PRECISION, working_dtype
 from ._probes import check_square, make_generator
+from ._validate import check_int
 from .results import LanczosResult
 
 __all__ = ["lanczos", "lanczos_batched", "eigh_small"]
@@ -35,6 +43,8 @@ def eigh_small(H: Tensor) -> tuple[Tensor, Tensor]:
     For the ``m x m`` (m <= a few hundred) problems here the thread pool's start-up
     cost dominates; on a loaded machine it made a 40 x 40 ``eigh`` 100x slower.
     """
+    if H.dtype in LOW_PRECISION:
+        H = H.to(torch.float32)
     if H.device.type != "cpu" or H.shape[-1] > 256:
         return torch.linalg.eigh(H)
     prev = torch.get_num_threads()
@@ -67,7 +77,8 @@ def lanczos_batched(
         return_basis: also return the bases.
 
     Returns:
-        ``(alphas [p, m], betas [p, m], lengths [p], basis)`` where process ``i`` ran
+        ``(alphas [p, m], betas [p, m], lengths [p], basis)`` in the working dtype
+        (float32 for 16-bit operators, else the operator's), where process ``i`` ran
         ``lengths[i]`` steps (entries after it are zero; ``betas[i, lengths[i] - 1]``
         is its final ``beta``) and ``basis`` is ``[p, m + 1, n]`` (row ``j`` is
         ``q_{j+1}``) or ``None``.
@@ -79,15 +90,17 @@ def lanczos_batched(
     if V0.dim() != 2 or V0.shape[0] != n:
         raise ValueError(f"Start vectors must have shape [{n}, p], got {tuple(V0.shape)}.")
     p = V0.shape[1]
-    m = int(num_steps)
+    m = check_int(num_steps, "num_steps", minimum=None)
     if m < 1:
         raise ValueError(f"num_steps must be at least 1, got {num_steps}.")
     m = min(m, n)
+    dtype, device = op.dtype, op.device
+    wdtype = working_dtype(dtype)
+    V0 = V0.to(device=device, dtype=wdtype)
     norms = V0.norm(dim=0)
     if not bool((norms > 0).all()) or not bool(torch.isfinite(norms).all()):
         raise ValueError("Lanczos start vectors must be finite and nonzero.")
-    dtype, device = op.dtype, op.device
-    eps = torch.finfo(dtype).eps
+    eps = torch.finfo(wdtype).eps
     keep_all = reorthogonalize or return_basis
     Q = V0.new_zeros(p, (m + 1) if keep_all else 3, n)
     Q[:, 0] = (V0 / norms).T
@@ -104,7 +117,7 @@ def lanczos_batched(
         all_active = a == p
         Qa = Q if all_active else Q[active]
         q = Qa[:, cur]  # [a, n]
-        W = op.matmat(q.T.contiguous()).T  # [a, n]
+        W = op.matmat(q.T.to(dtype).contiguous()).T.to(wdtype)  # [a, n]
         alpha = (W * q).sum(dim=1)
         W = W - alpha[:, None] * q
         if j > 0:
@@ -157,21 +170,23 @@ def lanczos(
 
     Returns:
         :class:`~estimators.results.LanczosResult` with ``basis [n, m]``,
-        ``alphas [m]``, ``betas [m]``, ``next_vector [n]``; cost ``m`` products.
+        ``alphas [m]``, ``betas [m]``, ``next_vector [n]`` (float32 for 16-bit
+        operators, else the operator's dtype); cost ``m`` products.
 
     Raises:
         ValueError: non-square or non-symmetric operator, ``num_steps < 1``, zero ``v0``.
         FloatingPointError: the operator produced NaN/inf.
     """
     n = check_square(op, "lanczos", symmetric=True)
+    check_int(num_steps, "num_steps", minimum=None)
     if v0 is None:
         gen, seed = make_generator(seed, generator, op.device)
         v0 = torch.randn(n, generator=gen, device=op.device, dtype=op.dtype)
     else:
         seed = None
-        if v0.shape != (n,):
-            raise ValueError(f"v0 must have shape [{n}], got {tuple(v0.shape)}.")
-        v0 = v0.to(device=op.device, dtype=op.dtype)
+        if not isinstance(v0, Tensor) or v0.shape != (n,):
+            raise ValueError(f"v0 must have shape [{n}], got {getattr(v0, 'shape', v0)!r}.")
+        v0 = v0.to(device=op.device)
     before = op.num_matvecs
     alphas, betas, lengths, Q = lanczos_batched(
         op, v0.unsqueeze(1), num_steps, reorthogonalize=reorthogonalize, return_basis=True

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from curvature import ConvergenceWarning
 
+from ._validate import check_int, check_seed, check_tolerance
 from .sharpness import (
     SharpnessResult,
     _scaled_operator,
@@ -185,12 +186,14 @@ class SharpnessMonitor:
         guard: int | None = None,
         seed: int = 0,
         mode: str = "eval",
+        process_group=None,
     ) -> None:
-        if int(every) < 1:
-            raise ValueError(f"every must be a positive integer, got {every}.")
-        if int(k) < 1:
-            raise ValueError(f"k must be >= 1, got {k}.")
-        if int(max_matvecs) < k + 1:
+        every = check_int(every, "every")
+        k = check_int(k, "k")
+        tol = check_tolerance(tol, "tol")
+        max_matvecs = check_int(max_matvecs, "max_matvecs")
+        seed = check_seed(seed)
+        if max_matvecs < k + 1:
             raise ValueError(f"max_matvecs = {max_matvecs} must be at least k + 1 = {k + 1}.")
         if not 0 < eos_fraction <= 2:
             raise ValueError(f"eos_fraction must lie in (0, 2], got {eos_fraction}.")
@@ -213,13 +216,15 @@ class SharpnessMonitor:
         self.eos_fraction = float(eos_fraction)
         self.sharpening_rise = float(sharpening_rise)
         self.warm_start = bool(warm_start)
-        guard = (1 if int(k) == 1 else 0) if guard is None else int(guard)
+        guard = (1 if k == 1 else 0) if guard is None else check_int(guard, "guard", minimum=None)
         if guard < 0:
             raise ValueError(f"guard must be >= 0, got {guard}.")
         self.guard = guard
         self.seed = int(seed)
         self.operator_kind = operator
-        self.op = curvature_operator(model, loss_fn, data, params=params, operator=operator, mode=mode)
+        # process_group: data parallel, identical records on every rank (curvature.distributed)
+        self.op = curvature_operator(model, loss_fn, data, params=params, operator=operator, mode=mode,
+                                     process_group=process_group)
         if self.k > self.op.shape[0]:
             raise ValueError(f"k = {k} exceeds the number of parameters n = {self.op.shape[0]}.")
         self.history: list[SharpnessRecord] = []

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 import curvature
 from curvature import CallableOperator, LinearOperator
 
+from ._validate import SEED_RANGE, check_int, check_seed, check_tolerance
 from .density import spectral_density
 from .eigen import top_eigenvalues
 from .results import EigenResult
@@ -258,7 +259,7 @@ def select_params(model: nn.Module, params) -> list[str]:
 
 
 def build_operator(operator: str, model: nn.Module, loss_fn, data, params, *, seed: int,
-                   per_layer: bool = False) -> LinearOperator:
+                   per_layer: bool = False, process_group=None) -> LinearOperator:
     """The curvature operator (or its per-layer block-diagonal version) named ``operator``."""
     if operator not in OPERATORS:
         raise ValueError(f"Unknown operator {operator!r}; choose one of {OPERATORS}.")
@@ -270,6 +271,7 @@ def build_operator(operator: str, model: nn.Module, loss_fn, data, params, *, se
         cls, kw = curvature.FisherOperator, {"kind": operator.split("-", 1)[1]}
         if kw["kind"] == "mc":
             kw["seed"] = seed
+    kw["process_group"] = process_group  # data parallel: see curvature.distributed
     if per_layer:
         return curvature.block_diagonal(cls, model, loss_fn, data, params=params, grouping="layer", **kw)
     return cls(model, loss_fn, data, params=params, **kw)
@@ -339,7 +341,7 @@ def _trace(op: LinearOperator, num_probes: int, method: str, seed: int) -> tuple
     return float(res.estimate), float(res.std_error), res.method, op.num_matvecs - before
 
 
-def _top_eig(op: LinearOperator, k: int, tol: float, seed: int) -> EigenResult:
+def _top_eig(op: LinearOperator, k: int, tol: float | None, seed: int) -> EigenResult:
     return top_eigenvalues(op, k, which="LA", tol=tol, seed=seed)
 
 
@@ -378,12 +380,13 @@ def spectrum_report(
     trace_method: str = "hutch++",
     slq_probes: int = 8,
     lanczos_steps: int = 80,
-    tol: float = 1e-6,
+    tol: float | None = None,
     per_layer: bool = False,
     seed: int = 0,
     out_dir: str | os.PathLike | None = "spectrum_report",
     description: str | None = None,
     progress: bool | None = None,
+    process_group=None,
 ) -> SpectrumReport:
     """Top eigenvalues, trace (with error bar) and spectral density of a model's curvature.
 
@@ -402,7 +405,8 @@ def spectrum_report(
         trace_method: ``"hutch++"`` (default), ``"hutchinson"`` or ``"xtrace"``.
         slq_probes: probes of the stochastic Lanczos quadrature.
         lanczos_steps: Lanczos steps per SLQ probe (capped at ``n``).
-        tol: relative residual tolerance of the top eigenpairs.
+        tol: relative residual tolerance of the top eigenpairs (default by dtype: 1e-6 float64,
+            1e-5 float32, 3e-2 in 16 bits).
         per_layer: also compute each layer block's top eigenvalue and trace.
         seed: base seed (see the module docstring for the per-stage seeds).
         out_dir: directory for ``spectrum.png`` and ``summary.json`` (created);
@@ -410,6 +414,10 @@ def spectrum_report(
         description: one line describing the model in the outputs (default: the
             model's class and parameter count).
         progress: show tqdm progress bars (``None``: only on a terminal).
+        process_group: data parallel (``torch.distributed``): every rank of the group
+            holds a shard of ``data`` and calls this function; the numbers are those of
+            the whole data set, identical on every rank, and only rank 0 writes
+            ``out_dir`` (see :mod:`curvature.distributed`).
 
     Returns:
         A :class:`SpectrumReport`.
@@ -434,15 +442,17 @@ def spectrum_report(
         raise ValueError(f"Unknown operator {operator!r}; choose one of {OPERATORS}.")
     if trace_method not in TRACE_METHODS:
         raise ValueError(f"Unknown trace_method {trace_method!r}; choose one of {TRACE_METHODS}.")
-    for name, value in (("top_k", top_k), ("num_probes", num_probes), ("slq_probes", slq_probes),
-                        ("lanczos_steps", lanczos_steps)):
-        if int(value) < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value}.")
+    top_k, num_probes = check_int(top_k, "top_k"), check_int(num_probes, "num_probes")
+    slq_probes, lanczos_steps = check_int(slq_probes, "slq_probes"), check_int(lanczos_steps, "lanczos_steps")
+    if tol is not None:
+        tol = check_tolerance(tol, "tol")
     min_probes = {"hutchinson": 2, "hutch++": 4, "xtrace": 4}[trace_method]
     if int(num_probes) < min_probes:
         raise ValueError(f"num_probes must be >= {min_probes} for trace_method={trace_method!r} "
                          f"(a standard error needs at least two samples), got {num_probes}.")
-    seed = int(seed)
+    seed = check_seed(seed)
+    if seed + 2 > SEED_RANGE[1]:
+        raise ValueError(f"seed must be <= 2**64 - 3 (the density stage uses seed + 2), got {seed}.")
     seeds = {"eigen": seed, "trace": seed + 1, "density": seed + 2}
     if operator == "fisher-mc":
         seeds["fisher_mc_labels"] = seed
@@ -453,7 +463,7 @@ def spectrum_report(
 
     try:
         t0 = time.perf_counter()
-        base = build_operator(operator, model, loss_fn, data, names, seed=seed)
+        base = build_operator(operator, model, loss_fn, data, names, seed=seed, process_group=process_group)
         op = bar.wrap(base)
         n = op.shape[0]
         device = op.device
@@ -488,7 +498,8 @@ def spectrum_report(
         layers = None
         if per_layer:
             t0 = time.perf_counter()
-            blocks = build_operator(operator, model, loss_fn, data, names, seed=seed, per_layer=True)
+            blocks = build_operator(operator, model, loss_fn, data, names, seed=seed, per_layer=True,
+                                    process_group=process_group)
             layers = []
             total = 0
             for name, blk in zip(blocks.names, blocks.blocks):
@@ -527,7 +538,7 @@ def spectrum_report(
     settings = {
         "operator": operator, "params": params if isinstance(params, (str, type(None))) else list(params),
         "top_k": int(top_k), "num_probes": int(num_probes), "trace_method": trace_method,
-        "slq_probes": int(slq_probes), "lanczos_steps": int(lanczos_steps), "tol": float(tol),
+        "slq_probes": int(slq_probes), "lanczos_steps": int(lanczos_steps), "tol": None if tol is None else float(tol),
         "per_layer": bool(per_layer), "seed": seed,
     }
     report = SpectrumReport(
@@ -539,6 +550,8 @@ def spectrum_report(
         density=dens, layers=layers, num_matvecs=nm, seeds=seeds, wall_time_s=wall,
         model=model_info, settings=settings,
     )
+    if process_group not in (None, "local") and not curvature.distributed.is_rank_zero(process_group):
+        out_dir = None  # rank 0 writes the files
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -174,12 +174,23 @@ class SpectralDensity:
         return int(self.nodes.shape[0])
 
     def default_sigma(self) -> float:
-        """``2e-3 * (max node - min node)`` (1e-3 if the spectrum is a point)."""
+        """``max(2e-3 * span, 1e-4 * scale)``, ``span = max node - min node``, ``scale = max |node|``.
+
+        The floor relative to the spectrum's scale keeps a point spectrum (``2 I``, whose
+        nodes differ only by rounding) from getting a kernel far narrower than any grid
+        can resolve; an all-zero spectrum gets ``1e-3``.  The default grid then resolves
+        the kernel and the density integrates to 1 on it.
+        """
         span = float(self.nodes.max() - self.nodes.min())
-        return 2e-3 * span if span > 0 else 1e-3
+        scale = float(self.nodes.abs().max())
+        sigma = max(2e-3 * span, 1e-4 * scale)
+        return sigma if sigma > 0 else 1e-3
 
     def default_grid(self, num_points: int = 10_000) -> Tensor:
         """``num_points`` points over the nodes' range padded by ``5 sigma``."""
+        from ._validate import check_int
+
+        num_points = check_int(num_points, "num_points", minimum=2)
         s = self.default_sigma()
         lo, hi = float(self.nodes.min()) - 5 * s, float(self.nodes.max()) + 5 * s
         return torch.linspace(lo, hi, num_points, dtype=self.nodes.dtype, device=self.nodes.device)

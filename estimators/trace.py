@@ -6,6 +6,10 @@ Woodruff 2021) removes a rank-``m/3`` sketch first, and XTrace (Epperly, Tropp,
 Webber 2024) uses every test vector both for the sketch and for the residual estimate
 (leave-one-out), which gives ``O(1/m)`` error and far better on spectra with outliers
 or fast decay, plus an error estimate from the spread of the leave-one-out estimates.
+
+Precision: probes, sketches and results are in the operator's dtype, except for
+float16/bfloat16 operators, whose products run in their dtype while probes, QR and sums
+use float32 (:func:`estimators._precision.working_dtype`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from torch import Tensor
 
 from curvature import LinearOperator
 
+from ._precision import matmat_in, working_dtype
 from ._probes import PROBE_KINDS, check_square, draw_probes, make_generator
+from ._validate import check_int, check_tolerance
 from .results import TraceResult
 
 __all__ = ["hutchinson_trace", "hutchpp_trace", "xtrace", "xnystrace"]
@@ -30,10 +36,9 @@ def _std_error(samples: Tensor) -> Tensor:
     return samples.std() / math.sqrt(s)
 
 
-def _check_count(value: int, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or int(value) != value or int(value) < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-    return int(value)
+def _probes(op: LinearOperator, k: int, probe: str, gen: torch.Generator) -> Tensor:
+    """``k`` probes in the working dtype (float32 for 16-bit operators)."""
+    return draw_probes(op, k, probe, gen).to(working_dtype(op.dtype))
 
 
 def hutchinson_trace(
@@ -67,12 +72,14 @@ def hutchinson_trace(
         per probe.
     """
     check_square(op, "hutchinson_trace")
-    num_probes = _check_count(num_probes, "num_probes")
-    block_size = _check_count(block_size, "block_size")
+    num_probes = check_int(num_probes, "num_probes")
+    block_size = check_int(block_size, "block_size")
     if probe not in PROBE_KINDS:
         raise ValueError(f"Unknown probe distribution {probe!r}; use one of {PROBE_KINDS}.")
+    min_probes = check_int(min_probes, "min_probes")
     adaptive = rtol is not None or atol is not None
-    rtol_, atol_ = float(rtol or 0.0), float(atol or 0.0)
+    rtol_ = 0.0 if rtol is None else check_tolerance(rtol, "rtol", allow_zero=True)
+    atol_ = 0.0 if atol is None else check_tolerance(atol, "atol", allow_zero=True)
     gen, seed = make_generator(seed, generator, op.device)
     before = op.num_matvecs
     samples: list[Tensor] = []
@@ -80,8 +87,8 @@ def hutchinson_trace(
     converged = not adaptive
     while drawn < num_probes:
         b = min(block_size, num_probes - drawn)
-        Om = draw_probes(op, b, probe, gen)
-        samples.append((Om * op.matmat(Om)).sum(dim=0))
+        Om = _probes(op, b, probe, gen)
+        samples.append((Om * matmat_in(op, Om, Om.dtype)).sum(dim=0))
         drawn += b
         if adaptive and drawn >= max(2, min_probes):
             s = torch.cat(samples)
@@ -122,22 +129,22 @@ def hutchpp_trace(
         the Hutchinson part given the sketch.
     """
     check_square(op, "hutchpp_trace")
-    m = _check_count(num_matvecs, "num_matvecs", 3)
-    block_size = _check_count(block_size, "block_size")
+    m = check_int(num_matvecs, "num_matvecs", 3)
+    block_size = check_int(block_size, "block_size")
     gen, seed = make_generator(seed, generator, op.device)
     before = op.num_matvecs
     k = m // 3
-    S = draw_probes(op, k, probe, gen)
-    Q, _ = torch.linalg.qr(op.matmat(S))
-    t_low = (Q * op.matmat(Q)).sum()
+    S = _probes(op, k, probe, gen)
+    Q, _ = torch.linalg.qr(matmat_in(op, S, S.dtype))
+    t_low = (Q * matmat_in(op, Q, Q.dtype)).sum()
     samples = []
     rest = m - 2 * k
     drawn = 0
     while drawn < rest:
         b = min(block_size, rest - drawn)
-        Gm = draw_probes(op, b, probe, gen)
+        Gm = _probes(op, b, probe, gen)
         Gm = Gm - Q @ (Q.T @ Gm)
-        AG = op.matmat(Gm)
+        AG = matmat_in(op, Gm, Gm.dtype)
         AG = AG - Q @ (Q.T @ AG)
         samples.append((Gm * AG).sum(dim=0))
         drawn += b
@@ -185,7 +192,7 @@ def xtrace(
         ``samples``.
     """
     n = check_square(op, "xtrace")
-    m = _check_count(num_matvecs, "num_matvecs", 4)
+    m = check_int(num_matvecs, "num_matvecs", 4)
     if probe not in PROBE_KINDS:
         raise ValueError(f"Unknown probe distribution {probe!r}; use one of {PROBE_KINDS}.")
     k = m // 2
@@ -196,8 +203,8 @@ def xtrace(
         )
     gen, seed = make_generator(seed, generator, op.device)
     before = op.num_matvecs
-    Om = draw_probes(op, k, probe, gen)
-    Y = op.matmat(Om)
+    Om = _probes(op, k, probe, gen)
+    Y = matmat_in(op, Om, Om.dtype)
     low_rank = _exact_low_rank_trace(op, Y, n)
     if low_rank is not None:
         t = low_rank.reshape(1)
@@ -207,7 +214,7 @@ def xtrace(
             samples=t,
         )
     Q, R = torch.linalg.qr(Y)
-    Z = op.matmat(Q)
+    Z = matmat_in(op, Q, Q.dtype)
     H = Q.T @ Z
     W = Q.T @ Om
     eye = torch.eye(k, dtype=R.dtype, device=R.device)
@@ -246,7 +253,7 @@ def _exact_low_rank_trace(op: LinearOperator, Y: Tensor, n: int) -> Tensor | Non
     if r >= k:
         return None
     Qr = U[:, :r]
-    return (Qr * op.matmat(Qr)).sum()
+    return (Qr * matmat_in(op, Qr, Qr.dtype)).sum()
 
 
 def xnystrace(
@@ -281,16 +288,16 @@ def xnystrace(
         :class:`~estimators.results.TraceResult` (``samples`` are the ``t_i``).
     """
     n = check_square(op, "xnystrace", symmetric=True)
-    k = _check_count(num_matvecs, "num_matvecs", 2)
+    k = check_int(num_matvecs, "num_matvecs", 2)
     if probe not in PROBE_KINDS:
         raise ValueError(f"Unknown probe distribution {probe!r}; use one of {PROBE_KINDS}.")
     if k >= n:
         raise ValueError(f"xnystrace needs n > m; the operator has n = {n} <= m = {k}.")
     gen, seed = make_generator(seed, generator, op.device)
     before = op.num_matvecs
-    Om = draw_probes(op, k, probe, gen)
-    Y = op.matmat(Om)
-    nu = torch.finfo(Y.dtype).eps * Y.norm() / math.sqrt(n)
+    Om = _probes(op, k, probe, gen)
+    Y = matmat_in(op, Om, Om.dtype)
+    nu = torch.finfo(op.dtype).eps * Y.norm() / math.sqrt(n)
     Y = Y + nu * Om
     M = Om.T @ Y
     M = 0.5 * (M + M.T)

@@ -1,7 +1,7 @@
 """Second-order optimizers and minimizers that take their curvature as a LinearOperator."""
 
 from .curvature_estimators import DiagonalCurvatureEstimator, GNBEstimator, HutchinsonEstimator
-from .sophia import Sophia
+from .sophia import Sophia, SophiaGRecipe, official_lr, official_param_groups
 from .matrix_problems import (
     MatrixCompletionProblem,
     MatrixSensingProblem,
@@ -16,7 +16,7 @@ from .newton_cg import NewtonCG
 from .gns_newton import GNSNewton
 
 __all__: list[str] = []
-__all__ += ["Sophia", "GNBEstimator", "HutchinsonEstimator", "DiagonalCurvatureEstimator"]
+__all__ += ["Sophia", "SophiaGRecipe", "official_lr", "official_param_groups", "GNBEstimator", "HutchinsonEstimator", "DiagonalCurvatureEstimator"]
 __all__ += ["ScaledGD", "ScaledGDResult", "scaled_gd", "factored_gd", "scaled_gd_preconditioner",
             "MatrixSensingProblem", "MatrixCompletionProblem", "matrix_sensing_problem",
             "matrix_completion_problem", "low_rank_ground_truth", "spectral_init", "small_random_init"]

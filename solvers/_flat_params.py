@@ -162,13 +162,14 @@ def evaluate_closure(closure: Callable[[], Any], name: str) -> tuple[Any, float]
 def default_closure(optimizer, model, loss_fn, batch) -> Callable[[], Tensor]:
     """The closure used when ``step(batch=...)`` is called without one.
 
-    It zeroes the gradients, evaluates ``loss_fn(model(X), y)`` and backpropagates.
+    It zeroes the gradients, evaluates ``loss_fn(model(X), y)`` (any batch format of
+    :class:`curvature.BatchAdapter`: pairs, dicts with ``labels``, ...) and backpropagates.
     """
-    X, y = _split_batch(batch, type(optimizer).__name__)
+    _split_batch(batch, type(optimizer).__name__)
 
     def closure() -> Tensor:
         optimizer.zero_grad()
-        loss = loss_fn(model(X), y)
+        loss = batch_loss(model, loss_fn, batch)
         loss.backward()
         return loss
 
@@ -215,19 +216,31 @@ def start_step(optimizer, closure, batch, model, loss_fn):
 
 def loss_only(model, loss_fn, batch, name: str) -> float:
     """``loss_fn(model(X), y)`` without building a graph (trial-point evaluations)."""
-    X, y = _split_batch(batch, name)
+    _split_batch(batch, name)
     with torch.no_grad():
-        loss = loss_fn(model(X), y)
+        loss = batch_loss(model, loss_fn, batch)
     return float(loss.reshape(()))
 
 
+def batch_loss(model, loss_fn, batch) -> Tensor:
+    """``loss_fn(prediction, target)`` of one batch, read by the default :class:`curvature.BatchAdapter`."""
+    adapter = _curvature.BatchAdapter()
+    inputs, y = adapter.split(batch)
+    return loss_fn(adapter.prediction(inputs.call(model)), y)
+
+
 def _split_batch(batch, name: str):
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+    """``(X, y)`` of a pair; other formats (dicts, 3+ entries) are validated by the batch adapter."""
+    from collections.abc import Mapping
+
+    if isinstance(batch, Mapping):
+        return batch, None
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
         raise ValueError(
-            f"{name}: batch must be a pair (X, y) of model inputs and targets, got "
+            f"{name}: batch must be a pair (X, y) of model inputs and targets (or a dict with 'labels'), got "
             f"{type(batch).__name__}{'' if not isinstance(batch, (tuple, list)) else f' of length {len(batch)}'}."
         )
-    return batch[0], batch[1]
+    return batch[0], batch[-1]
 
 
 # ------------------------------------------------------------------- curvature
@@ -282,7 +295,7 @@ def build_curvature(
             raise ImportError(f"curvature.{CURVATURES[curvature]} is not available in this installation.")
         if curvature == "fisher" and "seed" not in kwargs and "generator" not in kwargs:
             kwargs["seed"] = seed
-        op = cls(model, loss_fn, tuple(batch), params=params, **kwargs)
+        op = cls(model, loss_fn, batch if isinstance(batch, dict) else tuple(batch), params=params, **kwargs)
     else:
         op = curvature(params, batch)
     if not isinstance(op, LinearOperator):

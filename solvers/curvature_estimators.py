@@ -26,6 +26,7 @@ its ``state_dict``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 
@@ -48,6 +49,18 @@ def rademacher(shape: Sequence[int], *, generator: torch.Generator, dtype: torch
     """I.i.d. +-1 entries with probability 1/2 each, drawn from ``generator``."""
     r = torch.randint(0, 2, tuple(shape), generator=generator, device=device, dtype=torch.int8)
     return (r * 2 - 1).to(dtype)
+
+
+def _double_backward_kernels(model: nn.Module | None):
+    """Context for a forward pass that will be differentiated twice (Hutchinson's HVPs).
+
+    :func:`curvature.kernels.derivative_kernels`: math attention, no fused fast paths,
+    unfused weight norm (a loss closure that builds its own forward gets it only when the
+    estimator knows the model).
+    """
+    from curvature.kernels import derivative_kernels
+
+    return contextlib.nullcontext() if model is None else derivative_kernels(model)
 
 
 def _as_param_list(params_or_model) -> list[Tensor]:
@@ -157,11 +170,13 @@ class HutchinsonEstimator(DiagonalCurvatureEstimator):
     def _loss(self, data) -> Tensor:
         if callable(data):
             loss = data()
-        elif isinstance(data, (tuple, list)) and len(data) == 2:
+        elif isinstance(data, (tuple, list, dict)) and len(data) >= 2 or isinstance(data, dict):
             if self.model is None or self.loss_fn is None:
                 raise ValueError("A batch (X, y) needs HutchinsonEstimator(model, loss_fn); "
                                  "otherwise pass a closure returning the loss.")
-            loss = self.loss_fn(self.model(data[0]), data[1])
+            from ._flat_params import batch_loss
+
+            loss = batch_loss(self.model, self.loss_fn, data)
         else:
             raise TypeError("Hutchinson data must be a loss closure, a batch (X, y) or a LinearOperator, "
                             f"got {type(data).__name__}.")
@@ -174,7 +189,8 @@ class HutchinsonEstimator(DiagonalCurvatureEstimator):
         """One Hutchinson estimate, shaped like the parameters (see class doc for ``data``)."""
         if isinstance(data, LinearOperator):
             return self._estimate_operator(data)
-        with torch.enable_grad():
+        # KERNELS WIRING: the single place where Sophia-H differentiates twice through the model.
+        with torch.enable_grad(), _double_backward_kernels(self.model):
             loss = self._loss(data)
             if not loss.requires_grad:
                 raise ValueError("The loss does not depend on the parameters (no autograd graph).")

@@ -32,6 +32,7 @@ from torch import Tensor
 from curvature import LinearOperator
 
 from . import _flat_params as fp
+from ._torch_optim import OptimizerConventions, check_lr, lr_value
 from ._oracle import rounding_level
 
 __all__ = ["GNSNewton", "sufficient_decrease"]
@@ -53,7 +54,7 @@ def _accept(f0: float, f1: float, g0: float, g1: float, lam: float, dtype: torch
     return math.isfinite(f1) and abs(f1 - f0) <= rounding_level(f0, dtype) and g1 <= 0.5 * g0
 
 
-class GNSNewton(torch.optim.Optimizer):
+class GNSNewton(OptimizerConventions, torch.optim.Optimizer):
     r"""Gradient-regularized Newton with the adaptive GNS search over ``γ``.
 
     One step at ``θ``: ``f0, g = closure()``; build the curvature ``C`` once; then for
@@ -74,7 +75,7 @@ class GNSNewton(torch.optim.Optimizer):
 
     Args:
         params: the parameters (one param group, one dtype/device, all trainable).
-        lr: step scale (default 1.0).
+        lr: step scale (default 1.0; a number or a 1-element tensor, read at every step).
         model, loss_fn, curvature, curvature_kwargs, seed: as for :class:`~solvers.NewtonCG`.
         gamma0: initial ``γ`` (default 1.0, as the official code).
         gamma_min, gamma_max: bounds on ``γ``.
@@ -99,10 +100,12 @@ class GNSNewton(torch.optim.Optimizer):
     in :attr:`info`.
     """
 
+    _instance_attributes = ("model", "loss_fn", "curvature", "curvature_kwargs", "metric")
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict],
-        lr: float = 1.0,
+        lr: float | Tensor = 1.0,
         *,
         model: torch.nn.Module | None = None,
         loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
@@ -117,15 +120,6 @@ class GNSNewton(torch.optim.Optimizer):
         cg_maxiter: int = 100,
         seed: int = 0,
     ) -> None:
-        fp.check_positive("lr", lr)
-        fp.check_positive("gamma0", gamma0)
-        fp.check_positive("gamma_min", gamma_min)
-        fp.check_positive("gamma_max", gamma_max)
-        if gamma_min > gamma_max:
-            raise ValueError(f"Invalid gamma bounds: gamma_min={gamma_min} > gamma_max={gamma_max}.")
-        fp.check_int_at_least("max_tries", max_tries, 1)
-        fp.check_positive("cg_tol", cg_tol)
-        fp.check_int_at_least("cg_maxiter", cg_maxiter, 1)
         fp.check_curvature_spec(curvature, model, loss_fn, type(self).__name__)
         defaults = dict(
             lr=lr, gamma0=gamma0, gamma_min=gamma_min, gamma_max=gamma_max, max_tries=max_tries,
@@ -151,11 +145,23 @@ class GNSNewton(torch.optim.Optimizer):
         self.curvature_kwargs = dict(curvature_kwargs or {})
         self.metric = metric
 
+    def _check_param_group(self, group: dict) -> None:
+        check_lr(group["lr"], allow_zero=False)
+        fp.check_positive("gamma0", group["gamma0"])
+        fp.check_positive("gamma_min", group["gamma_min"])
+        fp.check_positive("gamma_max", group["gamma_max"])
+        if group["gamma_min"] > group["gamma_max"]:
+            raise ValueError(f"Invalid gamma bounds: gamma_min={group['gamma_min']} > gamma_max={group['gamma_max']}.")
+        fp.check_int_at_least("max_tries", group["max_tries"], 1)
+        fp.check_positive("cg_tol", group["cg_tol"])
+        fp.check_int_at_least("cg_maxiter", group["cg_maxiter"], 1)
+
     # ----------------------------------------------------------------- state
     def _global_state(self, params: list[Tensor]) -> dict:
         state = self.state[params[0]]
         if "step" not in state:
             state["step"] = 0
+            state["num_params"] = sum(p.numel() for p in params)
             state["gamma"] = float(self.param_groups[0]["gamma0"])
             state["info"] = {}
         return state
@@ -231,7 +237,7 @@ class GNSNewton(torch.optim.Optimizer):
             d = None if krylov is None else krylov.solve(lam)
             if d is not None:
                 info["cg_residual"] = krylov.last_residual
-                fp.set_flat_(params, theta + group["lr"] * d)
+                fp.set_flat_(params, theta + lr_value(group["lr"]) * d)
                 try:
                     _, f1 = fp.evaluate_closure(closure, name)
                 except BaseException:

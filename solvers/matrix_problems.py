@@ -46,8 +46,15 @@ def _generator(seed: int, device) -> torch.Generator:
 
 
 def low_rank_ground_truth(n1: int, n2: int, rank: int, kappa: float = 1.0, *, symmetric: bool = False,
-                          seed: int = 0, dtype: torch.dtype = torch.float64, device="cpu"):
+                          right_from_left: bool = False, seed: int = 0, dtype: torch.dtype = torch.float64,
+                          device="cpu"):
     """Rank-``rank`` truth with singular values ``linspace(1, 1/kappa, rank)``.
+
+    ``right_from_left=True`` reproduces the official ``MS.m`` / ``MC.m`` instances: there
+    ``V_star`` is computed as ``svds(U_seed, r)`` (not ``V_seed``), so ``V* = U*`` and the
+    truth is the PSD ``U* diag(s) U*^T``, still fitted with two factors ``L R^T``.  The
+    random signs are drawn for both factors either way (the same RNG calls as the
+    script), so the left factor is identical with and without the flag.
 
     Returns:
         ``(X_star [n1, n2], L_star [n1, r], R_star [n2, r], singular_values [r])`` with
@@ -58,12 +65,14 @@ def low_rank_ground_truth(n1: int, n2: int, rank: int, kappa: float = 1.0, *, sy
         raise ValueError(f"rank must be in [1, min(n1, n2)] = [1, {min(n1, n2)}], got {rank}.")
     if not kappa >= 1:
         raise ValueError(f"kappa must be >= 1, got {kappa}.")
-    if symmetric and n1 != n2:
-        raise ValueError(f"A symmetric truth needs n1 == n2, got {n1} x {n2}.")
+    if (symmetric or right_from_left) and n1 != n2:
+        raise ValueError(f"A symmetric truth (or right_from_left) needs n1 == n2, got {n1} x {n2}.")
     g = _generator(seed, "cpu")
     sign = lambda n: torch.randint(0, 2, (n, rank), generator=g).to(torch.float64) * 2 - 1  # noqa: E731
     U = torch.linalg.qr(sign(n1))[0]
     V = U if symmetric else torch.linalg.qr(sign(n2))[0]
+    if right_from_left:
+        V = U
     s = torch.linspace(1.0, 1.0 / kappa, rank, dtype=torch.float64)
     L, R = U * s.sqrt(), V * s.sqrt()
     to = dict(dtype=dtype, device=device)
@@ -259,24 +268,29 @@ class MatrixCompletionProblem(LowRankProblem):
 
 
 def matrix_sensing_problem(n: int, rank: int, kappa: float = 1.0, *, n2: int | None = None,
-                           num_measurements: int | None = None, psd: bool = False, seed: int = 0,
-                           storage: str = "dense", dtype: torch.dtype = torch.float64,
+                           num_measurements: int | None = None, psd: bool = False, right_from_left: bool = False,
+                           seed: int = 0, storage: str = "dense", dtype: torch.dtype = torch.float64,
                            device="cpu") -> MatrixSensingProblem:
     """The Figure-2 sensing problem: truth of :func:`low_rank_ground_truth`, ``m`` (default ``5 n r``)
-    Gaussian measurements.  ``psd=True``: PSD truth for the ``X X^T`` / ScaledGD(lambda) case."""
+    Gaussian measurements.  ``psd=True``: PSD truth for the ``X X^T`` / ScaledGD(lambda) case;
+    ``right_from_left=True``: the official script's ``V* = U*`` truth (see
+    :func:`low_rank_ground_truth`)."""
     n2 = n if n2 is None else n2
     m = num_measurements or 5 * max(n, n2) * rank
-    X_star, *_ = low_rank_ground_truth(n, n2, rank, kappa, symmetric=psd, seed=seed, dtype=dtype, device=device)
+    X_star, *_ = low_rank_ground_truth(n, n2, rank, kappa, symmetric=psd, right_from_left=right_from_left,
+                                       seed=seed, dtype=dtype, device=device)
     return MatrixSensingProblem((n, n2), m, X_star=X_star, rank=rank, seed=seed + 1, storage=storage,
                                 dtype=dtype, device=device, symmetric=psd)
 
 
 def matrix_completion_problem(n: int, rank: int, kappa: float = 1.0, *, n2: int | None = None, p: float = 0.2,
-                              seed: int = 0, dtype: torch.dtype = torch.float64,
+                              right_from_left: bool = False, seed: int = 0, dtype: torch.dtype = torch.float64,
                               device="cpu") -> MatrixCompletionProblem:
-    """The Figure-2 completion problem: truth of :func:`low_rank_ground_truth`, Bernoulli(p) mask."""
+    """The Figure-2 completion problem: truth of :func:`low_rank_ground_truth`, Bernoulli(p) mask
+    (the same mask for every ``kappa`` at a fixed seed, as in ``MC.m``)."""
     n2 = n if n2 is None else n2
-    X_star, *_ = low_rank_ground_truth(n, n2, rank, kappa, seed=seed, dtype=dtype, device=device)
+    X_star, *_ = low_rank_ground_truth(n, n2, rank, kappa, right_from_left=right_from_left, seed=seed,
+                                       dtype=dtype, device=device)
     return MatrixCompletionProblem(X_star, p, rank=rank, seed=seed + 1)
 
 

@@ -27,6 +27,7 @@ from torch import Tensor
 from curvature import ConvergenceWarning
 
 from . import _flat_params as fp
+from ._torch_optim import OptimizerConventions, check_lr, lr_value
 
 __all__ = ["NewtonCG", "diagonal_preconditioner"]
 
@@ -48,7 +49,7 @@ def reduction_ratio(actual: float, predicted: float) -> float:
 
 def diagonal_preconditioner(
     model: torch.nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], *, exponent: float = 0.75
-) -> Callable[[list[Tensor], Any, float], Any]:
+) -> "DiagonalPreconditioner":
     """Martens' (2010) CG preconditioner ``M = (diag(Σ_i ∇ℓ_i∇ℓ_iᵀ) + λ)^exponent``, as a factory.
 
     The factory returns ``M⁻¹`` as a ``curvature.DiagonalOperator`` (what CG applies).
@@ -60,14 +61,33 @@ def diagonal_preconditioner(
     loss_fn))``.  Cost per step: one vmapped per-example gradient pass; memory ``B·n``
     (the per-example gradients of one batch).  The model must not hold BatchNorm in
     training mode (examples are evaluated one at a time, in the model's current mode).
+    The factory is an object (not a closure), so an optimizer holding it can be
+    deep-copied (the copy's factory uses the copied model) and pickled.
     """
-    if not exponent > 0:
-        raise ValueError(f"Invalid exponent value: {exponent!r} (must be > 0).")
-    from curvature import DiagonalOperator
+    return DiagonalPreconditioner(model, loss_fn, exponent=exponent)
 
-    def factory(params: list[Tensor], batch, damping: float):
+
+class DiagonalPreconditioner:
+    """The factory of :func:`diagonal_preconditioner`: ``(params, batch, damping) -> DiagonalOperator``."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], *,
+                 exponent: float = 0.75) -> None:
+        if not exponent > 0:
+            raise ValueError(f"Invalid exponent value: {exponent!r} (must be > 0).")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.exponent = exponent
+
+    def __call__(self, params: list[Tensor], batch, damping: float):
+        from curvature import DiagonalOperator
+
+        model, loss_fn = self.model, self.loss_fn
         X, y = fp._split_batch(batch, "diagonal_preconditioner")
         names = {id(p): n for n, p in model.named_parameters()}
+        missing = [i for i, p in enumerate(params) if id(p) not in names]
+        if missing:
+            raise ValueError(f"diagonal_preconditioner: parameter(s) {missing} are not parameters of its model; "
+                             "build the preconditioner on the model the optimizer trains.")
         keys = [names[id(p)] for p in params]
         others = {n: p.detach() for n, p in model.named_parameters() if n not in set(keys)}
 
@@ -81,12 +101,10 @@ def diagonal_preconditioner(
         sq = torch.cat([(gi.detach() ** 2).reshape(gi.shape[0], -1) for gi in grads], dim=1).sum(0)
         if getattr(loss_fn, "reduction", "mean") == "mean":
             sq = sq / X.shape[0]
-        return DiagonalOperator((sq + damping).pow(-exponent))
-
-    return factory
+        return DiagonalOperator((sq + damping).pow(-self.exponent))
 
 
-class NewtonCG(torch.optim.Optimizer):
+class NewtonCG(OptimizerConventions, torch.optim.Optimizer):
     r"""Damped Newton-CG (Hessian-free) optimizer on a GGN, Hessian or Fisher curvature.
 
     One step, at parameters ``θ`` (flat, ``n`` entries) with loss ``f`` on a batch:
@@ -131,7 +149,8 @@ class NewtonCG(torch.optim.Optimizer):
     Args:
         params: the parameters to train (any number of tensors, one param group, one
             dtype and device; all must require grad).
-        lr: scale of the Newton step ``s = lr · d`` (default 1.0: the Newton step).
+        lr: scale of the Newton step ``s = lr · d`` (default 1.0: the Newton step); a number or a
+            1-element tensor (read at every step, as torch.optim does).
         model: the ``torch.nn.Module`` (needed for string curvatures and ``step(batch=)``).
         loss_fn: ``loss_fn(model(X), y) -> scalar`` (e.g. ``torch.nn.MSELoss()``).
         curvature: ``"ggn"`` (default), ``"hessian"``, ``"fisher"`` (``curvature.FisherOperator``,
@@ -165,10 +184,13 @@ class NewtonCG(torch.optim.Optimizer):
     are in :attr:`info`.
     """
 
+    _instance_attributes = ("model", "loss_fn", "curvature", "curvature_kwargs", "preconditioner")
+    _flat_state = ("direction",)
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict],
-        lr: float = 1.0,
+        lr: float | Tensor = 1.0,
         *,
         model: torch.nn.Module | None = None,
         loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
@@ -189,22 +211,6 @@ class NewtonCG(torch.optim.Optimizer):
         reject_increase: bool = True,
         seed: int = 0,
     ) -> None:
-        fp.check_positive("lr", lr)
-        fp.check_nonnegative("damping", damping)
-        if not damping_increase > 1:
-            raise ValueError(f"Invalid damping_increase value: {damping_increase!r} (must be > 1).")
-        if not 0 < damping_decrease < 1:
-            raise ValueError(f"Invalid damping_decrease value: {damping_decrease!r} (must be in (0, 1)).")
-        fp.check_nonnegative("min_damping", min_damping)
-        fp.check_positive("max_damping", max_damping)
-        if min_damping > max_damping:
-            raise ValueError(f"Invalid damping bounds: min_damping={min_damping} > max_damping={max_damping}.")
-        fp.check_positive("cg_tol", cg_tol)
-        fp.check_int_at_least("cg_maxiter", cg_maxiter, 1)
-        if not 0 <= warm_start_decay <= 1:
-            raise ValueError(f"Invalid warm_start_decay value: {warm_start_decay!r} (must be in [0, 1]).")
-        if max_step_norm is not None:
-            fp.check_positive("max_step_norm", max_step_norm)
         fp.check_curvature_spec(curvature, model, loss_fn, type(self).__name__)
         if preconditioner is not None and not callable(preconditioner):
             raise TypeError(
@@ -226,12 +232,32 @@ class NewtonCG(torch.optim.Optimizer):
         self.curvature_kwargs = dict(curvature_kwargs or {})
         self.preconditioner = preconditioner
 
+    def _check_param_group(self, group: dict) -> None:
+        check_lr(group["lr"], allow_zero=False)
+        fp.check_nonnegative("damping", group["damping"])
+        if not group["damping_increase"] > 1:
+            raise ValueError(f"Invalid damping_increase value: {group['damping_increase']!r} (must be > 1).")
+        if not 0 < group["damping_decrease"] < 1:
+            raise ValueError(f"Invalid damping_decrease value: {group['damping_decrease']!r} (must be in (0, 1)).")
+        fp.check_nonnegative("min_damping", group["min_damping"])
+        fp.check_positive("max_damping", group["max_damping"])
+        if group["min_damping"] > group["max_damping"]:
+            raise ValueError(f"Invalid damping bounds: min_damping={group['min_damping']} > "
+                             f"max_damping={group['max_damping']}.")
+        fp.check_positive("cg_tol", group["cg_tol"])
+        fp.check_int_at_least("cg_maxiter", group["cg_maxiter"], 1)
+        if not 0 <= group["warm_start_decay"] <= 1:
+            raise ValueError(f"Invalid warm_start_decay value: {group['warm_start_decay']!r} (must be in [0, 1]).")
+        if group["max_step_norm"] is not None:
+            fp.check_positive("max_step_norm", group["max_step_norm"])
+
     # ----------------------------------------------------------------- state
     def _global_state(self, params: list[Tensor]) -> dict:
         # As in LBFGS, the optimizer-wide state lives in the first parameter's slot.
         state = self.state[params[0]]
         if "step" not in state:
             state["step"] = 0
+            state["num_params"] = sum(p.numel() for p in params)
             state["damping"] = float(self.param_groups[0]["damping"])
             state["direction"] = None
             state["rejections"] = 0
@@ -353,7 +379,7 @@ class NewtonCG(torch.optim.Optimizer):
                 return None, None, float("nan"), "rejected: non-finite direction"
             if not bool(torch.isfinite(d).all()):
                 return None, None, float("nan"), "rejected: non-finite direction"
-            s = group["lr"] * d
+            s = lr_value(group["lr"]) * d
             norm = float(torch.linalg.vector_norm(s))
             if group["max_step_norm"] is not None and norm > group["max_step_norm"]:
                 s = s * (group["max_step_norm"] / norm)

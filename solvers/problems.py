@@ -21,9 +21,11 @@ backward.
 * :class:`Rosenbrock`: ``(a - x1)^2 + b (x2 - x1^2)^2``.
 
 Data follow the GNS notebook settings (uniform ``[-1, 1]`` entries from a seeded
-``numpy.random.RandomState``); the exact numbers of the official notebook need its
-RNG calls, which we did not reproduce, so iteration counts are compared in shape,
-not digit by digit.
+``numpy.random.RandomState``).  :func:`make_logsumexp_authors` rebuilds the notebook's
+LogSumExp instance call by call (its transpose and its metric);
+``make_pnorm_equations(100, 200, seed=3124)`` and ``make_chebyshev_rosenbrock(1000,
+seed=3124)`` are already the notebook's draws (``uniform(-1, 1)`` computes ``-1 + 2u``,
+bit-equal to the notebook's ``rand() * 2 - 1``; ``uniform(0, 1)`` equals ``rand()``).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ __all__ = [
     "Rosenbrock",
     "make_logistic_regression",
     "make_logsumexp",
+    "make_logsumexp_authors",
     "make_pnorm_equations",
     "make_rosenbrock_residual",
     "make_chebyshev_rosenbrock",
@@ -149,11 +152,12 @@ class LogSumExp(Problem):
     curvature_kinds = ("hessian", "weighted_gauss_newton")
 
     def __init__(self, A: Tensor, b: Tensor, mu: float = 1.0, x0: Tensor | None = None,
-                 f_star: float | None = None) -> None:
+                 f_star: float | None = None, metric_matrix: Tensor | None = None) -> None:
         self.A, self.b, self.mu = A, b, float(mu)
         self.n = A.shape[1]
         self.x0 = torch.ones(self.n, dtype=A.dtype, device=A.device) if x0 is None else x0
         self.f_star = f_star
+        self._metric = metric_matrix
 
     def f(self, x: Tensor) -> Tensor:
         return self.mu * torch.logsumexp((self.A @ x - self.b) / self.mu, dim=0)
@@ -171,8 +175,11 @@ class LogSumExp(Problem):
         return ((self.A.T * pi) @ self.A - torch.outer(g, g)) / self.mu
 
     def metric(self, ridge: float = 1e-8) -> Tensor:
-        """``B = A^T A + ridge I`` (the notebook's metric; after the shift that puts the
-        minimiser at 0, ``A^T pi = 0`` makes a square ``A`` singular, hence the ridge)."""
+        """``B = A^T A + ridge I``; after the shift that puts the minimiser at 0,
+        ``A^T pi = 0`` makes a square ``A`` singular, hence the ridge.  A problem built with
+        ``metric_matrix`` (:func:`make_logsumexp_authors`) returns that matrix instead."""
+        if self._metric is not None:
+            return self._metric
         B = self.A.T @ self.A
         B.diagonal().add_(ridge)
         return B
@@ -192,6 +199,34 @@ def make_logsumexp(n_rows: int = 1000, dim: int = 1000, *, mu: float = 1.0, seed
     At = torch.as_tensor(A, dtype=dtype, device=device)
     bt = torch.as_tensor(b, dtype=dtype, device=device)
     return LogSumExp(At, bt, mu, f_star=f_star)
+
+
+def make_logsumexp_authors(dim: int = 1000, n_rows: int = 1000, *, mu: float = 1.0, seed: int = 3124,
+                           dtype: torch.dtype = torch.float64, device="cpu") -> LogSumExp:
+    """The LogSumExp instance of the official notebook (epfml/grad-norm-smooth, ``examples.ipynb``), call by call.
+
+    ``np.random.seed(seed); A = rand(n, m) * 2 - 1; b = rand(m) * 2 - 1`` with ``n = dim``
+    variables and ``m = n_rows`` linear pieces; the oracle is built on ``A^T`` (rows
+    ``a_i`` are the *columns* of the drawn matrix) and shifted by ``g = grad f(0)`` so the
+    minimiser is 0 (``create_log_sum_exp_zero_oracle``); ``f* = f(0)``; ``x0 = 1``.  The
+    metric is the notebook's ``B = A A^T`` of the *unshifted* draw, with no ridge (it is
+    SPD for ``m >= n`` with probability one).
+
+    Differences from :func:`make_logsumexp` (our default): that one uses the draw itself
+    as the design (no transpose) and ``B = A_shifted^T A_shifted + 1e-8 I``.
+    """
+    rs = np.random.RandomState(seed)  # the legacy global generator that np.random.seed seeds
+    A = rs.rand(dim, n_rows) * 2 - 1
+    b = rs.rand(n_rows) * 2 - 1
+    design = A.T.copy()
+    z = -b / mu
+    pi = np.exp(z - z.max())
+    pi /= pi.sum()
+    design = design - (design.T @ pi)[None, :]
+    f_star = float(mu * (z.max() + np.log(np.exp(z - z.max()).sum())))
+    to = dict(dtype=dtype, device=device)
+    return LogSumExp(torch.as_tensor(design, **to), torch.as_tensor(b, **to), mu, f_star=f_star,
+                     metric_matrix=torch.as_tensor(A @ A.T, **to))
 
 
 class PowerResidual(Problem):

@@ -124,3 +124,55 @@ def test_unsupported_models_and_losses_raise_clear_errors_up_front():
     bce, y1 = nn.BCEWithLogitsLoss(), torch.rand(6, 1, dtype=torch.float64)
     assert rel_err(ggn_diagonal(single, bce, (X, y1)).diag, dense_ggn(single, bce, X, y1).diagonal()) < EXACT
     assert rel_err(hessian_diagonal(single, bce, (X, y1)).diag, dense_hessian(single, bce, X, y1).diagonal()) < EXACT
+
+
+def test_cached_extended_copy_follows_every_change_of_the_model():
+    """The BackPACK copy is cached per model: values are shared, structural changes rebuild it."""
+    import gc
+
+    from curvature import backpack as cb
+
+    model, loss_fn, (X, y) = make_case("mlp", n=6)
+
+    def check():
+        d = ggn_diagonal(model, loss_fn, (X, y)).diag
+        assert rel_err(d, dense_ggn(model, loss_fn, X, y).diagonal()) < EXACT
+        assert rel_err(hessian_diagonal(model, loss_fn, (X, y)).diag,
+                       dense_hessian(model, loss_fn, X, y).diagonal()) < EXACT
+
+    check()
+    work = cb._EXTENDED[model]["work"]
+    with torch.no_grad():  # an optimizer step: in place, the copy shares the storage
+        for p in model.parameters():
+            p.mul_(0.7).add_(0.05)
+    check()
+    assert cb._EXTENDED[model]["work"] is work  # no rebuild for new values
+    model[0].weight.data = model[0].weight.data.clone() * 1.3  # storage swapped through .data
+    check()
+    model[2].weight = nn.Parameter(model[2].weight.detach() * -0.5)  # parameter re-assigned
+    check()
+    model[1] = nn.Sigmoid()  # module replaced
+    check()
+    assert cb._EXTENDED[model]["work"] is not work
+    handle = model[3].register_forward_hook(lambda m, i, o: 2 * o)  # BackPACK would ignore it: refused
+    with pytest.raises(NotImplementedError, match=r"Module\(s\) \['3'\] have hooks"):
+        ggn_diagonal(model, loss_fn, (X, y))
+    handle.remove()
+    check()
+    ref = __import__("weakref").ref(model)
+    del model, work
+    gc.collect()
+    assert ref() is None  # the cache does not keep the user's model alive
+
+
+def test_ignored_or_soft_targets_are_refused_not_silently_wrong():
+    """BackPACK's CE curvature counts every target: ignored targets / probabilities / smoothing are refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4)).double()
+    X = torch.randn(5, 3, dtype=torch.float64)
+    for loss_fn, y in ((nn.CrossEntropyLoss(), torch.tensor([0, -100, 1, 2, 3])),
+                       (nn.CrossEntropyLoss(label_smoothing=0.1), torch.tensor([0, 1, 1, 2, 3])),
+                       (nn.CrossEntropyLoss(), torch.softmax(torch.randn(5, 4, dtype=torch.float64), 1))):
+        for f in (ggn_diagonal, hessian_diagonal):
+            with pytest.raises(NotImplementedError, match="ignore_index"):
+                f(model, loss_fn, (X, y))

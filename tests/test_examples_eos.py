@@ -52,3 +52,6 @@ def test_cli_rejects_bad_arguments():
         p.parse_args(["--problem", "cifar"])
     args = p.parse_args(["--lrs", "0.25,0.4", "--problem", "both"])
     assert args.lrs == (0.25, 0.4) and args.problem == "both"
+    assert args.init == "private" and p.parse_args(["--init", "authors"]).init == "authors"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--init", "xavier"])

@@ -1,4 +1,7 @@
-"""The solver examples run in --fast mode, write their PNGs and reproduce the expected ordering."""
+"""The GNS example (--fast, our instances) writes its PNGs and reproduces the expected ordering.
+
+The lazy-Newton example's fast run (and the GNS example with ``--instances authors``) is
+covered by ``tests/test_reproductions.py``, which runs it inside the report generator."""
 
 import importlib.util
 import os
@@ -13,19 +16,6 @@ def load(name):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def test_logistic_lazy_newton_fast(tmp_path, capsys):
-    results = load("logistic_lazy_newton").main(["--fast", "--out", str(tmp_path)])
-    assert os.path.getsize(tmp_path / "logistic_lazy_newton.png") > 10_000
-    out = capsys.readouterr().out
-    assert "lazy cubic Newton" in out and "Hess" in out
-    full = results["cubic Newton (full)"]
-    lazy = next(r for n, r in results.items() if n.startswith("lazy cubic"))
-    assert full.success and lazy.success
-    assert lazy.nhev * 3 <= full.nhev  # the point of lazy Hessians: far fewer Hessians
-    gd = results["gradient descent"]
-    assert gd.grad_norm > lazy.grad_norm  # GD has not reached gtol within its budget
 
 
 def test_gns_reproduction_fast(tmp_path, capsys):

@@ -260,7 +260,7 @@ def test_state_dict_round_trip_is_bit_identical():
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
-        (dict(lr=-1.0), ValueError, "Invalid lr value"),
+        (dict(lr=-1.0), ValueError, "Invalid learning rate"),
         (dict(gamma0=0.0), ValueError, "Invalid gamma0 value"),
         (dict(gamma_min=2.0, gamma_max=1.0), ValueError, "Invalid gamma bounds"),
         (dict(max_tries=0), ValueError, "Invalid max_tries value"),

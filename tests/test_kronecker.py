@@ -154,7 +154,9 @@ def test_one_example_kflr_equals_layer_blocks_of_exact_ggn_mlp_and_conv_layout()
     Xc, yc = torch.randn(1, 2, 3, 3, dtype=torch.float64), torch.tensor([1])
     lf = nn.CrossEntropyLoss()
     Kc = kfac(conv, lf, (Xc, yc))
-    assert Kc.names == ["0.weight", "0.bias", "3"]
+    assert Kc.names == ["0", "3"] and Kc.blocks[0].with_bias  # a joint [W | b] block (KFC)
+    assert rel_err(kfac(conv, lf, (Xc, yc), separate_bias=True).to_dense(),
+                   dense_ggn(conv, lf, Xc, yc) * _block_mask(kfac(conv, lf, (Xc, yc), separate_bias=True))) < EXACT
     assert rel_err(Kc.to_dense(), dense_ggn(conv, lf, Xc, yc) * _block_mask(Kc)) < EXACT
 
 
@@ -201,14 +203,16 @@ def _backpack_factors(model, loss_fn, X, y, ext, attr, seed=None):
     return {n: [f.detach() for f in getattr(p, attr)] for n, p in work.named_parameters()}
 
 
-@pytest.mark.parametrize("kind", ["kflr", "kfac", "kfra"])
+@pytest.mark.parametrize("kind", ["kflr", "kfra"])
 def test_factors_equal_backpack_run_directly(kind):
+    """KFLR on a Linear-only MLP and KFRA (BackPACK's path) on a CNN: BackPACK's own factors."""
     from backpack import extensions
 
-    model, loss_fn, (X, y) = make_case("cnn", n=6)
-    ext = {"kflr": extensions.KFLR(), "kfac": extensions.KFAC(mc_samples=3), "kfra": extensions.KFRA()}[kind]
-    ref = _backpack_factors(model, loss_fn, X, y, ext, kind, seed=5 if kind == "kfac" else None)
-    K = kfac(model, loss_fn, (X, y), kind=kind, mc_samples=3, seed=5, separate_bias=True)
+    case = "mlp" if kind == "kflr" else "cnn"
+    model, loss_fn, (X, y) = make_case(case, n=6)
+    ext = {"kflr": extensions.KFLR(), "kfra": extensions.KFRA()}[kind]
+    ref = _backpack_factors(model, loss_fn, X, y, ext, kind)
+    K = kfac(model, loss_fn, (X, y), kind=kind, separate_bias=True)
     names = [n for n, _ in model.named_parameters()]
     assert K.names == names
     positions = {}  # output positions T of each Conv2d: its weight's input factor is BackPACK's / T
@@ -218,7 +222,7 @@ def test_factors_equal_backpack_run_directly(kind):
         model.eval()(X)
     for h in hooks:
         h.remove()
-    assert positions and all(t > 1 for t in positions.values())
+    assert (case == "mlp") or (positions and all(t > 1 for t in positions.values()))
     for n, blk in zip(names, K.blocks):
         facs = ref[n]
         assert rel_err(blk.A, facs[0]) < EXACT
@@ -228,13 +232,14 @@ def test_factors_equal_backpack_run_directly(kind):
         else:
             assert blk.B.shape == (1, 1) and float(blk.B) == 1.0
     # joint Linear block: the same G, input factor augmented by the mean input and 1
-    Kj = kfac(model, loss_fn, (X, y), kind=kind, mc_samples=3, seed=5)
+    Kj = kfac(model, loss_fn, (X, y), kind=kind)
     lin = Kj.blocks[-1]
-    assert Kj.names[-1] == "5" and lin.with_bias
-    assert rel_err(lin.A, ref["5.weight"][0]) < EXACT
-    assert rel_err(lin.B[:-1, :-1], ref["5.weight"][1]) < EXACT
+    last = names[-1].rsplit(".", 1)[0]
+    assert Kj.names[-1] == last and lin.with_bias
+    assert rel_err(lin.A, ref[f"{last}.weight"][0]) < EXACT
+    assert rel_err(lin.B[:-1, :-1], ref[f"{last}.weight"][1]) < EXACT
     with torch.no_grad():
-        xin = model[:5].eval()(X)
+        xin = model[:int(last)].eval()(X)
     assert rel_err(lin.B[:-1, -1], xin.mean(0)) < EXACT and float(lin.B[-1, -1]) == 1.0
 
 
@@ -303,9 +308,8 @@ def test_errors_name_the_problem():
     torch.manual_seed(0)
     ln = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)).double()
     X, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 0, 1])
-    with pytest.raises(ValueError, match=r"module 1 \(LayerNorm\)"):
+    with pytest.raises(ValueError, match=r"parameter '1.weight' belongs to module '1' \(LayerNorm\)"):
         kfac(ln, nn.CrossEntropyLoss(), (X, y))
-
     class Custom(nn.Module):
         def __init__(self):
             super().__init__()
@@ -315,14 +319,22 @@ def test_errors_name_the_problem():
             return torch.tanh(self.fc(x))
 
     with pytest.raises(ValueError, match="nn.Sequential"):
-        kfac(Custom().double(), nn.CrossEntropyLoss(), (X, y))
+        kfac(Custom().double(), nn.CrossEntropyLoss(), (X, y), kind="kfra")
     with pytest.raises(ValueError, match="kind"):
         kfac(nn.Sequential(nn.Linear(3, 2)).double(), nn.CrossEntropyLoss(), (X, y), kind="ekfac")
-    with pytest.raises(NotImplementedError, match="L1Loss"):
-        kfac(nn.Sequential(nn.Linear(3, 2)).double(), nn.L1Loss(), (X, y))
-    with pytest.raises(NotImplementedError, match="class weights"):
-        kfac(nn.Sequential(nn.Linear(3, 2)).double(), nn.CrossEntropyLoss(ignore_index=0), (X, y))
-    with pytest.raises(NotImplementedError, match="one logit per example"):
-        kfac(nn.Sequential(nn.Linear(3, 2)).double(), nn.BCEWithLogitsLoss(), (X, torch.ones(4, 2).double()))
+    with pytest.raises(ValueError, match="approx"):
+        kfac(nn.Sequential(nn.Linear(3, 2)).double(), nn.CrossEntropyLoss(), (X, y), approx="mean")
+    with pytest.raises(NotImplementedError, match="L1Loss.*empirical"):
+        kfac(nn.Sequential(nn.Linear(3, 2)).double(), nn.L1Loss(), (X, torch.zeros(4, 2).double()))
+    # ignored targets are defined (each position weighted as in the loss), not refused: the bias block
+    # of a Linear layer is exact for any batch, so it must equal the GGN's bias block
+    lin = nn.Sequential(nn.Linear(3, 3)).double()
+    ce = nn.CrossEntropyLoss(ignore_index=0)
+    yi = torch.tensor([0, 1, 2, 0])
+    K = kfac(lin, ce, (X, yi), separate_bias=True).to_dense()
+    G_bias = curvature.GGNOperator(lin, ce, (X, yi), params=[lin[0].bias]).to_dense()
+    assert torch.allclose(K[-3:, -3:], G_bias, rtol=1e-10, atol=1e-14)
     with pytest.raises(ValueError, match="reduction='none'"):
         kfac(nn.Sequential(nn.Linear(3, 2)).double(), nn.CrossEntropyLoss(reduction="none"), (X, y))
+    with pytest.raises(ValueError, match="groups=2"):
+        kfac(nn.Sequential(nn.Conv2d(2, 2, 1, groups=2)).double(), nn.MSELoss(), (X, y))

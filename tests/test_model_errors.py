@@ -49,7 +49,7 @@ def test_one_shot_iterator_and_bad_batches(setup):
     with pytest.raises(TypeError, match="one-shot iterator"):
         HessianOperator(model, loss_fn, iter([(X, y)]))
     with pytest.raises(TypeError, match=r"pair \(X, y\)"):
-        HessianOperator(model, loss_fn, [(X, y, y)])
+        HessianOperator(model, loss_fn, [(X,)])  # (X1, ..., y) with 3+ entries is a valid batch now
 
 
 def test_vector_of_wrong_shape_dtype_device(setup):
@@ -93,13 +93,15 @@ def test_unsupported_loss_for_mc_and_exact_fisher(setup, kind):
         FisherOperator(model, weighted, data, kind=kind)
 
 
-def test_ignored_targets_refused_by_mc_fisher(setup):
+def test_ignored_targets_count_nothing_in_the_exact_fisher(setup):
+    """An ignored target is defined (it contributes nothing), no longer refused: see test_loss_semantics."""
     model, loss_fn, (X, y) = setup
     y = y.clone()
     y[0] = -100
-    op = FisherOperator(model, loss_fn, (X, y), kind="mc")
-    with pytest.raises(NotImplementedError, match="ignored targets"):
-        op @ torch.ones(op.shape[0], dtype=torch.float64)
+    op = FisherOperator(model, loss_fn, (X, y), kind="exact")
+    ref = FisherOperator(model, loss_fn, (X[1:], y[1:]), kind="exact")
+    v = torch.ones(op.shape[0], dtype=torch.float64)
+    assert float(((op @ v) - (ref @ v)).norm() / (ref @ v).norm()) < 1e-10
 
 
 def test_bad_params_and_options(setup):

@@ -466,8 +466,8 @@ def _opt(**kw):
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
-        (dict(lr=-1.0), ValueError, "Invalid lr value"),
-        (dict(lr=0.0), ValueError, "Invalid lr value"),
+        (dict(lr=-1.0), ValueError, "Invalid learning rate"),
+        (dict(lr=0.0), ValueError, "Invalid learning rate"),
         (dict(damping=-1e-3), ValueError, "Invalid damping value"),
         (dict(cg_maxiter=0), ValueError, "Invalid cg_maxiter value"),
         (dict(cg_maxiter=2.5), ValueError, "Invalid cg_maxiter value"),

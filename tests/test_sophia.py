@@ -6,6 +6,7 @@ import copy
 import importlib.util
 import io
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -160,7 +161,7 @@ def _closed_form_sophia(x0, a, b, T, *, lr, beta1, beta2, gamma, wd, eps, k):
         g = a * x + b
         x = x * (1 - lr * wd)
         m = beta1 * m + (1 - beta1) * g
-        x = x - lr * np.clip(m / np.maximum(gamma * h, eps), -1, 1)
+        x = x - lr * np.clip(m / (np.maximum(gamma * h, 0) + eps), -1, 1)
         if t % k == 0:
             h = beta2 * h + (1 - beta2) * a
         xs.append(x.copy())
@@ -189,7 +190,9 @@ def test_update_equals_closed_form_step_by_step(foreach):
         loss_fn().backward()
         opt.step(curvature_input=loss_fn)
         np.testing.assert_allclose(x.detach().numpy(), ref[t], rtol=1e-12, atol=1e-14)
-    assert opt.num_curvature_updates == 5
+    # the estimates at the parameters after steps 3, 6, 9, 12 are taken at the start of steps 4, 7,
+    # 10, 13 (same parameters, same numbers); the one after step 15 is due at step 16
+    assert opt.num_curvature_updates == 4
 
 
 def test_first_k_steps_are_sign_momentum_and_steps_are_clipped():
@@ -206,7 +209,7 @@ def test_first_k_steps_are_sign_momentum_and_steps_are_clipped():
     def loss_fn():
         return 0.5 * x @ A @ x + 10 * x.sum()
 
-    for t in range(1, 13):
+    for t in range(1, 14):  # step 13 refreshes; the win rate is checked at step 14 (no refresh)
         opt.zero_grad()
         loss_fn().backward()
         grad = x.grad.clone()
@@ -224,7 +227,7 @@ def test_first_k_steps_are_sign_momentum_and_steps_are_clipped():
     opt.zero_grad()
     loss_fn().backward()
     m_next = beta1 * st["exp_avg"] + (1 - beta1) * x.grad
-    expected = float(((m_next / torch.clamp(gamma * st["hessian"], min=1e-15)).abs() < 1).double().mean())
+    expected = float(((m_next / (torch.clamp(gamma * st["hessian"], min=0) + 1e-15)).abs() < 1).double().mean())
     opt.step(curvature_input=loss_fn)
     assert opt.last_win_rate == pytest.approx(expected, abs=1e-12)
     assert 0 < expected < 1
@@ -336,6 +339,8 @@ def test_nonfinite_gradients_and_curvature_never_reach_parameters():
     # a refresh step without the estimator's input
     x.grad = torch.ones(4)
     opt.step(curvature_input=lambda: (x**2).sum())
+    opt.step(curvature_input=lambda: (x**2).sum())
+    assert opt.needs_curvature()
     with pytest.raises(ValueError, match="curvature_input"):
         opt.step()
     with pytest.raises(ValueError, match="scalar"):
@@ -364,8 +369,217 @@ def _load_example():
 
 def test_sophia_decreases_char_lm_loss():
     ex = _load_example()
-    res = ex.run_training("sophia", lr=3e-3, steps=40, seed=0, fast=True)
+    res = ex.run_training("sophia", lr=3e-3, setting="fast", seed=0, steps=40)
     first, last = res["loss"][0], float(np.mean(res["loss"][-5:]))
     # uniform over the vocabulary is log(V); the loss must fall well below where it started
     assert first == pytest.approx(math.log(res["vocab_size"]), rel=0.15)
     assert last < first - 0.5
+
+
+# ------------------------------------------------------------- failure behaviour
+def _sophia_snapshot(opt, x):
+    st = opt.state[x]
+    return (x.detach().clone(), st["exp_avg"].clone(), st["hessian"].clone(), st["step"].clone(),
+            opt.num_steps, opt.num_curvature_updates, opt.estimator.get_rng_state().clone())
+
+
+def _same(a, b):
+    return all(torch.equal(u, v) if isinstance(u, torch.Tensor) else u == v for u, v in zip(a, b))
+
+
+def test_nonfinite_curvature_estimate_raises_before_anything_is_written():
+    x = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    good = lambda: (x**2).sum()  # noqa: E731
+    bad = lambda: (x**2).sum() * torch.tensor(float("nan"), dtype=torch.float64)  # NaN Hessian  # noqa: E731
+    opt = Sophia([x], lr=0.1, weight_decay=0.1, estimator=HutchinsonEstimator([x], seed=0), update_interval=2)
+    for _ in range(2):
+        x.grad = 2 * x.detach()
+        opt.step(curvature_input=good)
+    assert opt.needs_curvature()
+    before = _sophia_snapshot(opt, x)
+    x.grad = 2 * x.detach()
+    with pytest.raises(FloatingPointError, match="curvature estimate has NaN/inf"):
+        opt.step(curvature_input=bad)
+    assert _same(_sophia_snapshot(opt, x), before)  # parameters, buffers, counters and RNG as before
+    # the step then succeeds with a finite estimate, exactly as if the failed call never happened
+    twin = copy.deepcopy(opt)
+    opt.step(curvature_input=good)
+    xt = twin.param_groups[0]["params"][0]
+    xt.grad = 2 * xt.detach()
+    twin.step(curvature_input=lambda: (xt**2).sum())
+    assert torch.equal(x.detach(), xt.detach()) and opt.num_curvature_updates == 1
+    # nonfinite="skip": warned, counted, nothing written, the refresh is retried at the next step
+    opt_skip = Sophia([x], lr=0.1, estimator=HutchinsonEstimator([x], seed=0), update_interval=1,
+                      nonfinite="skip")
+    x.grad = 2 * x.detach()
+    opt_skip.step(curvature_input=good)
+    before = _sophia_snapshot(opt_skip, x)
+    with pytest.warns(RuntimeWarning, match="step skipped"):
+        opt_skip.step(curvature_input=bad)
+    assert _same(_sophia_snapshot(opt_skip, x), before) and opt_skip.num_skipped_steps == 1
+    assert opt_skip.needs_curvature()
+
+
+def test_finite_gradient_with_overflowing_norm_is_not_called_nonfinite():
+    # float32 entries 1e30: the squared norm overflows to inf, every entry is finite
+    x = torch.zeros(4, dtype=torch.float32, requires_grad=True)
+    opt = Sophia([x], lr=0.5, betas=(0.0, 0.5), rho=1.0, weight_decay=0.0, update_interval=None)
+    x.grad = torch.tensor([1e30, -1e30, 3e29, 0.0])
+    opt.step()
+    torch.testing.assert_close(x.detach(), torch.tensor([-0.5, 0.5, -0.5, 0.0]))  # h = 0: sign steps
+    opt.update_curvature([torch.full((4,), 1e30)])  # a finite estimate with an overflowing norm
+    torch.testing.assert_close(opt.state[x]["hessian"], torch.full((4,), 0.5e30))
+    x.grad = torch.tensor([float("inf"), 0.0, 0.0, 0.0])
+    with pytest.raises(FloatingPointError, match="gradient has NaN/inf"):
+        opt.step()
+
+
+def test_sophia_without_estimator_is_refused_or_warns_in_manual_mode():
+    x = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match="needs a curvature estimator"):
+        Sophia([x], lr=1e-3)
+    opt = Sophia([x], lr=1e-3, update_interval=None)  # manual mode: curvature through update_curvature
+    x.grad = torch.ones(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(99):
+            opt.step()
+    with pytest.warns(RuntimeWarning, match="100 steps without any curvature"):
+        opt.step()
+    # after one update_curvature call manual mode is silent
+    opt2 = Sophia([x], lr=1e-3, update_interval=None)
+    opt2.update_curvature([torch.ones(3)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(120):
+            opt2.step()
+
+
+# ------------------------------------------------------------- the official recipe
+def test_official_lr_schedule_closed_form():
+    from solvers import official_lr
+
+    kw = dict(lr=6e-4, warmup_iters=200, lr_decay_iters=1200, min_lr=1.5e-5)
+    assert official_lr(0, **kw) == 0.0  # the official warmup starts at 0
+    assert official_lr(100, **kw) == pytest.approx(3e-4, rel=1e-15)
+    assert official_lr(200, **kw) == pytest.approx(6e-4, rel=1e-15)
+    assert official_lr(700, **kw) == pytest.approx((6e-4 + 1.5e-5) / 2, rel=1e-14)  # cosine midpoint
+    assert official_lr(1200, **kw) == pytest.approx(1.5e-5, rel=1e-14)
+    assert official_lr(5000, **kw) == 1.5e-5
+
+
+class _OfficialSophiaG:
+    """The update of Liuhong99/Sophia ``sophia.py`` (``SophiaG.step``, ``update_hessian``), line for line."""
+
+    def __init__(self, groups, lr, betas, rho, weight_decay):
+        self.param_groups = [dict(g, lr=lr, betas=betas, rho=rho) for g in groups]
+        self.state = {}
+
+    @torch.no_grad()
+    def update_hessian(self):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state.setdefault(p, {"exp_avg": torch.zeros_like(p), "hessian": torch.zeros_like(p)})
+                st["hessian"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+
+    @torch.no_grad()
+    def step(self, bs):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state.setdefault(p, {"exp_avg": torch.zeros_like(p), "hessian": torch.zeros_like(p)})
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                st["exp_avg"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                ratio = (st["exp_avg"].abs() / (group["rho"] * bs * st["hessian"] + 1e-15)).clamp(None, 1)
+                p.addcmul_(st["exp_avg"].sign(), ratio, value=-group["lr"])
+
+    def zero_grad(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+
+def _official_groups(model, weight_decay):
+    """GPT.configure_optimizers of the official model.py, independently of official_param_groups."""
+    decay, no_decay = set(), set()
+    for mn, m in model.named_modules():
+        for pn, _ in m.named_parameters(recurse=False):
+            fpn = f"{mn}.{pn}" if mn else pn
+            if pn.endswith("bias"):
+                no_decay.add(fpn)
+            elif pn.endswith("weight") and isinstance(m, nn.Linear):
+                decay.add(fpn)
+            elif pn.endswith("weight") and isinstance(m, (nn.LayerNorm, nn.Embedding)):
+                no_decay.add(fpn)
+    decay.remove("lm_head.weight")  # tied to the token embedding
+    pd = dict(model.named_parameters())
+    return [{"params": [pd[n] for n in sorted(decay)], "weight_decay": weight_decay},
+            {"params": [pd[n] for n in sorted(no_decay) if n in pd], "weight_decay": 0.0}]
+
+
+def test_sophiag_recipe_equals_the_official_training_loop():
+    from solvers import SophiaGRecipe, official_param_groups
+
+    ex = _load_example()
+    train, _, V = ex.make_data(seed=0, train_sentences=200)
+    cfg = ex.GPTConfig(vocab_size=V, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    torch.manual_seed(0)
+    ours = ex.GPT(cfg).double()
+    theirs = copy.deepcopy(ours)
+    B, T, iters, k, warmup, lr, min_lr, wd, rho, clip = 4, 8, 32, 10, 5, 2e-2, 1e-3, 0.2, 0.05, 1.0
+    g_ours, g_theirs = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    recipe = SophiaGRecipe(ours, lambda: ex.get_batch(train, B, T, g_ours), lr=lr, rho=rho, weight_decay=wd,
+                           update_interval=k, grad_clip=clip, max_iters=iters, warmup_iters=warmup, min_lr=min_lr,
+                           seed=11)
+    # the weight-decay split is the official one
+    names = {id(p): n for n, p in ours.named_parameters()}
+    ref_names = {id(p): n for n, p in theirs.named_parameters()}
+    assert [[names[id(p)] for p in g["params"]] for g in official_param_groups(ours, wd)] == \
+        [[ref_names[id(p)] for p in g["params"]] for g in _official_groups(theirs, wd)]
+    # the official loop of train_sophiag.py, with its get_lr and the same label sampler (seed 11)
+    off = _OfficialSophiaG(_official_groups(theirs, wd), lr, (0.965, 0.99), rho, wd)
+    labels = torch.Generator().manual_seed(11)
+    bs = B * T
+
+    def get_lr(it):
+        if it < warmup:
+            return lr * it / warmup
+        ratio = (it - warmup) / (iters - warmup)
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+    X, Y = ex.get_batch(train, B, T, g_theirs)
+    for it in range(iters):
+        for group in off.param_groups:
+            group["lr"] = get_lr(it)
+        logits = theirs(X)
+        loss = F.cross_entropy(logits.view(-1, V), Y.view(-1), ignore_index=-1)
+        X, Y = ex.get_batch(train, B, T, g_theirs)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(theirs.parameters(), clip)
+        off.step(bs=bs)
+        off.zero_grad()
+        if it % k == k - 1:
+            logits = theirs(X)
+            X, Y = ex.get_batch(train, B, T, g_theirs)
+            with torch.no_grad():  # inverse-CDF sampling from the model's predictive distribution
+                cdf = torch.softmax(logits.reshape(-1, V).float(), -1).cumsum(-1)
+                u = torch.rand(cdf.shape[0], 1, generator=labels, dtype=cdf.dtype)
+                y_sample = (cdf < u).sum(-1).clamp(max=V - 1)
+            F.cross_entropy(logits.view(-1, V), y_sample, ignore_index=-1).backward()
+            torch.nn.utils.clip_grad_norm_(theirs.parameters(), clip)
+            off.update_hessian()
+            off.zero_grad()
+        loss_ours = recipe.step()
+        assert float(loss_ours) == pytest.approx(float(loss.detach()), rel=1e-12, abs=1e-12)
+        for p, q in zip(ours.parameters(), theirs.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-11)
+    assert recipe.optimizer.num_curvature_updates == 3  # after iterations 9, 19, 29
+    for p, q in zip(ours.parameters(), theirs.parameters()):  # ours stores h = bs * official h
+        torch.testing.assert_close(recipe.optimizer.state[p]["hessian"], bs * off.state[q]["hessian"],
+                                   rtol=1e-11, atol=1e-13)
+    assert 0 < recipe.optimizer.last_win_rate < 1
