@@ -35,7 +35,13 @@ def test_readme_snippets_run(tmp_path):
         if skip:
             continue
         script = tmp_path / f"snippet_{i}.py"
-        script.write_text(code)
+        # transformers imports torchvision when it is installed; PyPI's CUDA-linked torchvision beside a
+        # CPU torch cannot be imported (the README says so): hide it as tests/conftest.py does, for
+        # the snippets that import transformers, so they run as pasted in an environment without it.
+        prelude = ("import sys\ntry:\n    import torchvision\nexcept Exception:\n"
+                   "    [sys.modules.pop(m) for m in list(sys.modules) if m.split('.')[0] == 'torchvision']\n"
+                   "    sys.modules['torchvision'] = None\n") if "import transformers" in code or "torch, transformers" in code else ""
+        script.write_text(prelude + code)
         proc = subprocess.run(
             [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
             timeout=300, env={**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"},
