@@ -152,8 +152,9 @@ def main(argv=None) -> None:
            "row interleaved per round; compile time = first call minus one steady call, wall seconds).", ""]
     builders = {"mlp": ("MLP 784-256-256-10 tanh", make_mlp), "cnn": ("CNN 2 conv + linear", make_cnn)}
     for key in args.models.split(","):
-        out += bench(*builders[key], args.repeats, args.backend)
-        print("\n".join(out), flush=True)
+        section = bench(*builders[key], args.repeats, args.backend)
+        print("\n".join(section), flush=True)
+        out += section
     text = "\n".join(out)
     if args.out:
         with open(args.out, "w") as f:
