@@ -27,6 +27,25 @@ __all__ = [
 ]
 
 
+class OnceDifferentiableTanh(torch.autograd.Function):
+    """tanh whose backward is marked once-differentiable (as many hand-written kernels are).
+
+    torch 2.13 silently drops the second derivatives through it (no error): a trap for tests.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        out = torch.tanh(x)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (out,) = ctx.saved_tensors
+        return g * (1 - out * out)
+
+
 def _finish(model: nn.Module, seed: int, dtype: torch.dtype) -> nn.Module:
     g = torch.Generator().manual_seed(seed + 1000)
     model = model.to(dtype)

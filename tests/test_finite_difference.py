@@ -18,7 +18,7 @@ import curvature
 import estimators
 from curvature.finite_difference import FiniteDifferenceHessianOperator, default_step
 from dense_truth import dense_hessian
-from models import classification_data, cnn, mlp
+from models import OnceDifferentiableTanh, classification_data, cnn, mlp
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 #: documented (module docstring): relative error of order eps^(2/3); measured 0.8-5.3 x on these models
@@ -148,22 +148,6 @@ def test_parameters_versions_and_grads_untouched_also_on_errors():
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
-class _OnceDifferentiableTanh(torch.autograd.Function):
-    """tanh whose backward cannot be differentiated again (like many fused kernels)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        out = torch.tanh(x)
-        ctx.save_for_backward(out)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        (out,) = ctx.saved_tensors
-        return g * (1 - out * out)
-
-
 class _KernelNet(nn.Module):
     def __init__(self, inner: nn.Sequential, fused: bool) -> None:
         super().__init__()
@@ -171,7 +155,7 @@ class _KernelNet(nn.Module):
 
     def forward(self, x):
         h = self.inner[0](x)
-        h = _OnceDifferentiableTanh.apply(h) if self.fused else torch.tanh(h)
+        h = OnceDifferentiableTanh.apply(h) if self.fused else torch.tanh(h)
         return self.inner[2](h)
 
 

@@ -27,6 +27,7 @@ from curvature.kernels import (
     forward_mode_verified,
 )
 from curvature.losses import sample_output_gradients
+from models import OnceDifferentiableTanh
 from dense_truth import (
     dense_empirical_fisher,
     dense_ggn,
@@ -593,29 +594,13 @@ def test_double_vjp_ggn_through_a_backward_that_takes_the_log_of_its_gradient():
         assert rel_err(M, G) < EXACT, jvp
 
 
-class _OnceDifferentiableTanh(torch.autograd.Function):
-    """tanh whose backward is marked once-differentiable (as many hand-written kernels are)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        out = torch.tanh(x)
-        ctx.save_for_backward(out)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        (out,) = ctx.saved_tensors
-        return g * (1 - out * out)
-
-
 class _OnceDifferentiableNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 3)
 
     def forward(self, x):
-        return self.b(_OnceDifferentiableTanh.apply(self.a(x)))
+        return self.b(OnceDifferentiableTanh.apply(self.a(x)))
 
 
 @pytest.mark.parametrize("make", [
@@ -628,7 +613,7 @@ def test_once_differentiable_function_is_refused_not_silently_dropped(make):
     model = _OnceDifferentiableNet().double()
     X, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
     op = make(model, (X, y))
-    with pytest.raises(curvature.kernels.MissingDerivativeError, match="_OnceDifferentiableTanh"):
+    with pytest.raises(curvature.kernels.MissingDerivativeError, match="OnceDifferentiableTanh"):
         op @ torch.randn(op.shape[0], dtype=torch.float64)
     fd = curvature.FiniteDifferenceHessianOperator(model, nn.CrossEntropyLoss(), (X, y))
     assert torch.isfinite(fd @ torch.randn(op.shape[0], dtype=torch.float64)).all()  # the named alternative works
