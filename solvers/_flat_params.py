@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -165,7 +165,7 @@ def default_closure(optimizer, model, loss_fn, batch) -> Callable[[], Tensor]:
     It zeroes the gradients, evaluates ``loss_fn(model(X), y)`` (any batch format of
     :class:`curvature.BatchAdapter`: pairs, dicts with ``labels``, ...) and backpropagates.
     """
-    _split_batch(batch, type(optimizer).__name__)
+    check_batch(batch, type(optimizer).__name__)
 
     def closure() -> Tensor:
         optimizer.zero_grad()
@@ -216,7 +216,7 @@ def start_step(optimizer, closure, batch, model, loss_fn):
 
 def loss_only(model, loss_fn, batch, name: str) -> float:
     """``loss_fn(model(X), y)`` without building a graph (trial-point evaluations)."""
-    _split_batch(batch, name)
+    check_batch(batch, name)
     with torch.no_grad():
         loss = batch_loss(model, loss_fn, batch)
     return float(loss.reshape(()))
@@ -229,18 +229,25 @@ def batch_loss(model, loss_fn, batch) -> Tensor:
     return loss_fn(adapter.prediction(inputs.call(model)), y)
 
 
-def _split_batch(batch, name: str):
-    """``(X, y)`` of a pair; other formats (dicts, 3+ entries) are validated by the batch adapter."""
-    from collections.abc import Mapping
-
+def check_batch(batch, name: str) -> None:
+    """Refuse what :class:`curvature.BatchAdapter` cannot read: not a Mapping nor a tuple/list of >= 2 entries."""
     if isinstance(batch, Mapping):
-        return batch, None
+        return
     if not isinstance(batch, (tuple, list)) or len(batch) < 2:
         raise ValueError(
             f"{name}: batch must be a pair (X, y) of model inputs and targets (or a dict with 'labels'), got "
             f"{type(batch).__name__}{'' if not isinstance(batch, (tuple, list)) else f' of length {len(batch)}'}."
         )
-    return batch[0], batch[-1]
+
+
+def _split_batch(batch, name: str):
+    """``(X, y)`` of a batch that must be a plain pair (per-example paths that vmap over ``X``)."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise ValueError(
+            f"{name}: batch must be a pair (X, y) of model inputs and targets, got "
+            f"{type(batch).__name__}{'' if not isinstance(batch, (tuple, list)) else f' of length {len(batch)}'}."
+        )
+    return batch[0], batch[1]
 
 
 # ------------------------------------------------------------------- curvature

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -170,7 +170,7 @@ class HutchinsonEstimator(DiagonalCurvatureEstimator):
     def _loss(self, data) -> Tensor:
         if callable(data):
             loss = data()
-        elif isinstance(data, (tuple, list, dict)) and len(data) >= 2 or isinstance(data, dict):
+        elif isinstance(data, Mapping) or (isinstance(data, (tuple, list)) and len(data) >= 2):
             if self.model is None or self.loss_fn is None:
                 raise ValueError("A batch (X, y) needs HutchinsonEstimator(model, loss_fn); "
                                  "otherwise pass a closure returning the loss.")

@@ -543,3 +543,13 @@ def test_error_in_closure_at_trial_point_restores_parameters():
     with pytest.raises(KeyboardInterrupt):
         opt.step(closure, batch=(X, y))
     assert torch.equal(_flat(params), theta0)
+
+
+def test_diagonal_preconditioner_needs_a_plain_pair():
+    """Per-example gradients vmap over X: a 3-entry or dict batch is refused, never read as (X1, y)."""
+    X, y = _data(n=6)
+    model = _mlp()
+    pre = diagonal_preconditioner(model, nn.MSELoss())
+    for batch in ((X, X, y), {"input": X, "labels": y}):
+        with pytest.raises(ValueError, match="must be a pair"):
+            pre(list(model.parameters()), batch, 1e-3)

@@ -35,12 +35,11 @@ def test_readme_snippets_run(tmp_path):
         if skip:
             continue
         script = tmp_path / f"snippet_{i}.py"
-        # transformers imports torchvision when it is installed; PyPI's CUDA-linked torchvision beside a
-        # CPU torch cannot be imported (the README says so): hide it as tests/conftest.py does, for
-        # the snippets that import transformers, so they run as pasted in an environment without it.
-        prelude = ("import sys\ntry:\n    import torchvision\nexcept Exception:\n"
-                   "    [sys.modules.pop(m) for m in list(sys.modules) if m.split('.')[0] == 'torchvision']\n"
-                   "    sys.modules['torchvision'] = None\n") if "import transformers" in code or "torch, transformers" in code else ""
+        # transformers imports torchvision when installed, and PyPI's CUDA-linked torchvision cannot be
+        # imported beside a CPU torch (the README says so): hide it as tests/conftest.py does.
+        prelude = (f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+                   "from _torchvision_guard import hide_broken_torchvision\nhide_broken_torchvision()\n"
+                   ) if "transformers" in code else ""
         script.write_text(prelude + code)
         proc = subprocess.run(
             [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
