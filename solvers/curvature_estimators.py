@@ -22,6 +22,20 @@ Randomness comes only from the estimator's own ``torch.Generator`` (``seed=`` or
 ``generator=``), so an estimate is reproducible and its state can be saved
 (:meth:`get_rng_state` / :meth:`set_rng_state`; :class:`solvers.Sophia` stores it in
 its ``state_dict``).
+
+Data parallel (``process_group=``, as for the operators of :mod:`curvature.distributed`):
+every rank passes its own shard of the batch and receives the same estimate, so Sophia
+takes identical steps on every rank of a ``DistributedDataParallel`` job.  The estimate
+follows DDP's own convention for the gradient: the mean over ranks of each rank's mean
+loss (the whole batch's mean loss when the shards have equal sizes, as with a
+``DistributedSampler``).  Hutchinson probes are the same on every rank (drawn from the
+same seed), so ``u * mean_r(H_r u) = u * (H u)``: one ``all_reduce`` of the estimate.  GNB
+samples each rank's labels from its own stream (derived from ``(seed, rank)`` with
+``numpy.random.SeedSequence``), all-reduces the sampled-label gradient once and scales
+its square by the token count of all ranks, ``N = sum_r N_r``.  A DDP-wrapped model is
+used through its inner module (no DDP hooks run); a DDP model without
+``process_group=`` is refused, as by the operators.  A rank that raises makes every rank
+raise (the error flag travels in the same ``all_reduce``).
 """
 
 from __future__ import annotations
@@ -35,12 +49,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from curvature import DiagonalOperator, LinearOperator, flatten
+from curvature.distributed import ShardGroup, resolve_group, unwrap_model
 
 __all__ = [
     "DiagonalCurvatureEstimator",
     "HutchinsonEstimator",
     "GNBEstimator",
     "rademacher",
+    "rank_seed",
 ]
 
 
@@ -49,6 +65,19 @@ def rademacher(shape: Sequence[int], *, generator: torch.Generator, dtype: torch
     """I.i.d. +-1 entries with probability 1/2 each, drawn from ``generator``."""
     r = torch.randint(0, 2, tuple(shape), generator=generator, device=device, dtype=torch.int8)
     return (r * 2 - 1).to(dtype)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s own stream for base seed ``seed`` (``seed`` itself on rank 0).
+
+    Independent streams per rank via ``numpy.random.SeedSequence([seed, rank])`` (what
+    GNB's label sampling uses under ``process_group=``).
+    """
+    if rank == 0:
+        return int(seed)
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed), int(rank)]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def _double_backward_kernels(model: nn.Module | None):
@@ -84,14 +113,20 @@ class DiagonalCurvatureEstimator:
     """
 
     def __init__(self, params: Sequence[Tensor], *, seed: int | None = None,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, shards: ShardGroup | None = None,
+                 per_rank_stream: bool = False) -> None:
         self.params = list(params)
         self.device = self.params[0].device
+        #: the data-parallel group (``None``: this process's data only)
+        self.shards = shards
         if generator is not None and seed is not None:
             raise ValueError("Pass either seed= or generator=, not both.")
         if generator is None:
             generator = torch.Generator(device=self.device)
-            generator.manual_seed(int(seed) if seed is not None else 0)
+            seed = int(seed) if seed is not None else 0
+            if per_rank_stream and shards is not None:
+                seed = rank_seed(seed, shards.rank)
+            generator.manual_seed(seed)
         elif torch.device(generator.device).type != self.device.type:
             raise ValueError(f"generator lives on {generator.device} but the parameters on {self.device}.")
         self.generator = generator
@@ -124,6 +159,13 @@ class DiagonalCurvatureEstimator:
         return f"{type(self).__name__}(num_params={n}, device={self.device})"
 
 
+def _data_parallel(model: nn.Module | None, process_group) -> tuple[nn.Module | None, ShardGroup | None]:
+    """``(the module to call, ShardGroup or None)`` for an estimator (see the module docstring)."""
+    group = resolve_group(process_group, model)
+    inner = unwrap_model(model) if model is not None else None
+    return inner, (ShardGroup(group) if group is not None else None)
+
+
 class HutchinsonEstimator(DiagonalCurvatureEstimator):
     """Hutchinson diagonal: ``h = mean_j u_j * (H u_j)`` with ``E[h] = diag(H)``.
 
@@ -149,13 +191,15 @@ class HutchinsonEstimator(DiagonalCurvatureEstimator):
 
     def __init__(self, model_or_params, loss_fn: Callable | None = None, *,
                  distribution: str = "rademacher", num_probes: int = 1,
-                 seed: int | None = None, generator: torch.Generator | None = None) -> None:
+                 seed: int | None = None, generator: torch.Generator | None = None,
+                 process_group=None) -> None:
         if distribution not in ("rademacher", "gaussian"):
             raise ValueError(f"Unknown probe distribution {distribution!r}; use 'rademacher' or 'gaussian'.")
         if int(num_probes) < 1:
             raise ValueError(f"num_probes must be >= 1, got {num_probes}.")
-        self.model = model_or_params if isinstance(model_or_params, nn.Module) else None
-        super().__init__(_as_param_list(model_or_params), seed=seed, generator=generator)
+        model = model_or_params if isinstance(model_or_params, nn.Module) else None
+        self.model, shards = _data_parallel(model, process_group)
+        super().__init__(_as_param_list(model_or_params), seed=seed, generator=generator, shards=shards)
         self.loss_fn = loss_fn
         self.distribution = distribution
         self.num_probes = int(num_probes)
@@ -186,9 +230,35 @@ class HutchinsonEstimator(DiagonalCurvatureEstimator):
         return loss.reshape(())
 
     def estimate_tensors(self, data) -> list[Tensor]:
-        """One Hutchinson estimate, shaped like the parameters (see class doc for ``data``)."""
+        """One Hutchinson estimate, shaped like the parameters (see class doc for ``data``).
+
+        With ``process_group=``: the mean over ranks of the ranks' estimates (the probes
+        are the same on every rank), and :attr:`last_loss` / :attr:`last_grads` are the
+        means over ranks too; one ``all_reduce`` per dtype of the parameters.
+        """
         if isinstance(data, LinearOperator):
             return self._estimate_operator(data)
+        if self.shards is None:
+            acc, grads, loss = self._local_estimate(data)
+        else:
+            acc = [torch.zeros_like(p) for p in self.params]
+            grads = [torch.zeros_like(p) for p in self.params]
+            loss = torch.zeros((), dtype=self.params[0].dtype, device=self.device)
+            with self.shards.summed([*acc, *grads, loss]):
+                a, g, l = self._local_estimate(data)
+                torch._foreach_copy_(acc, a)
+                torch._foreach_copy_(grads, g)
+                loss.copy_(l)
+            inv = 1.0 / self.shards.size
+            torch._foreach_mul_(acc, inv)
+            torch._foreach_mul_(grads, inv)
+            loss.mul_(inv)
+        self.last_loss, self.last_grads = loss, grads
+        self.num_estimates += 1
+        return acc
+
+    def _local_estimate(self, data) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """``(estimate, gradient, loss)`` of this process's data, detached."""
         # KERNELS WIRING: the single place where Sophia-H differentiates twice through the model.
         with torch.enable_grad(), _double_backward_kernels(self.model):
             loss = self._loss(data)
@@ -210,10 +280,8 @@ class HutchinsonEstimator(DiagonalCurvatureEstimator):
         if self.num_probes > 1:
             for a in acc:
                 a.div_(self.num_probes)
-        self.last_loss = loss.detach()
-        self.last_grads = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, self.params)]
-        self.num_estimates += 1
-        return acc
+        grads = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, self.params)]
+        return acc, grads, loss.detach()
 
     def _estimate_operator(self, op: LinearOperator) -> list[Tensor]:
         n = sum(p.numel() for p in self.params)
@@ -249,7 +317,14 @@ class GNBEstimator(DiagonalCurvatureEstimator):
             for models returning ``(logits, loss)``).
         max_grad_norm: clip the sampled-label gradient to this global norm before
             squaring, as the official training script does (default: no clipping).
-        seed, generator: the source of the sampled labels.
+        seed, generator: the source of the sampled labels.  With ``process_group=``
+            each rank draws from its own stream, derived from ``(seed, rank)``; a
+            ``generator=`` is used as given (make it differ across ranks yourself).
+        process_group: data parallel (see the module docstring): ``g`` is the mean over
+            ranks of each rank's sampled-label gradient (DDP's convention) and ``N`` the
+            rows of all ranks.  The official SophiaG script under DDP multiplies by one
+            rank's token count instead (``bs = batch_size * block_size``), so its ``h``
+            is ours divided by the world size ``W``: its ``rho`` equals our ``rho / W``.
 
     ``data`` for :meth:`estimate` is the model input ``X``, a batch ``(X, y)`` (``y``
     unused: labels are sampled), or a callable returning the outputs.
@@ -260,15 +335,18 @@ class GNBEstimator(DiagonalCurvatureEstimator):
 
     def __init__(self, model: nn.Module, loss: str = "ce", *, params: Iterable[Tensor] | None = None,
                  output_fn: Callable[[object], Tensor] | None = None, max_grad_norm: float | None = None,
-                 seed: int | None = None, generator: torch.Generator | None = None) -> None:
+                 seed: int | None = None, generator: torch.Generator | None = None,
+                 process_group=None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"GNBEstimator needs an nn.Module, got {type(model).__name__}.")
         if loss not in ("ce", "mse"):
             raise ValueError(f"Unknown loss {loss!r}; GNB supports 'ce' (cross-entropy) and 'mse'.")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm}.")
-        super().__init__(_as_param_list(model if params is None else params), seed=seed, generator=generator)
-        self.model = model
+        inner, shards = _data_parallel(model, process_group)
+        super().__init__(_as_param_list(model if params is None else params), seed=seed, generator=generator,
+                         shards=shards, per_rank_stream=True)
+        self.model = inner
         self.loss = loss
         self.output_fn = output_fn
         self.max_grad_norm = max_grad_norm
@@ -305,16 +383,37 @@ class GNBEstimator(DiagonalCurvatureEstimator):
         return loss, N
 
     def estimate_tensors(self, data) -> list[Tensor]:
-        """One GNB estimate ``N * g * g``, shaped like the parameters."""
-        with torch.enable_grad():
-            loss, N = self.sampled_loss(data)
-            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
+        """One GNB estimate ``N * g * g``, shaped like the parameters.
+
+        With ``process_group=``: ``g`` and ``N`` over all ranks (one ``all_reduce`` of the
+        gradient, one of ``N``), identical on every rank.
+        """
+        if self.shards is None:
+            grads, N = self._local_gradient(data)
+        else:
+            grads = [torch.zeros_like(p) for p in self.params]
+            count = torch.zeros(1, dtype=torch.float64, device=self.device)
+            with self.shards.summed([*grads, count]):
+                local, n = self._local_gradient(data)
+                torch._foreach_copy_(grads, local)
+                count.fill_(n)
+            torch._foreach_mul_(grads, 1.0 / self.shards.size)
+            N = count.reshape(())  # a tensor: no host read
         if self.max_grad_norm is not None:
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
             factor = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
             torch._foreach_mul_(grads, factor)
         out = torch._foreach_mul(grads, grads)
-        torch._foreach_mul_(out, float(N))
+        if isinstance(N, Tensor):
+            torch._foreach_mul_(out, N.to(out[0].dtype))
+        else:
+            torch._foreach_mul_(out, float(N))
         self.num_estimates += 1
         return out
+
+    def _local_gradient(self, data) -> tuple[list[Tensor], int]:
+        """The sampled-label gradient of this process's mean loss, and its row count ``N``."""
+        with torch.enable_grad():
+            loss, N = self.sampled_loss(data)
+            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)], N

@@ -526,7 +526,10 @@ class SophiaGRecipe:
     AdamW baseline is lr ``6e-4`` (small), betas ``(0.9, 0.95)``, weight decay 0.1, min
     lr ``3e-5``, the same groups, schedule and clipping.  Not reproduced: gradient
     accumulation over micro-batches (pass the whole batch: ``N`` is its token
-    count), bf16 autocast, ``torch.compile`` and DDP.  The update rule is equal to
+    count), bf16 autocast and ``torch.compile``.  Under DDP (``process_group=``) the estimate
+    is over all ranks' Hessian batches, scaled by their total token count (the official
+    script scales by one rank's count: its ``rho`` is our ``rho / world_size``; see
+    :class:`~solvers.curvature_estimators.GNBEstimator`).  The update rule is equal to
     the official ``SophiaG`` up to its additive ``1e-15`` (ours: ``max(., 1e-15)``).
 
     Args:
@@ -541,6 +544,10 @@ class SophiaGRecipe:
             optionally ``weight_decay``).
         seed: seed of the GNB label sampling.
         foreach: Sophia's multi-tensor path.
+        process_group: for a ``DistributedDataParallel`` model, its group (e.g.
+            ``torch.distributed.group.WORLD``): every rank's ``get_batch`` gives its own
+            shard, DDP averages the training gradient and the estimator the sampled-label
+            gradient, so every rank takes identical steps.
 
     Example::
 
@@ -558,7 +565,8 @@ class SophiaGRecipe:
                  update_interval: int = 10, grad_clip: float = 1.0, max_iters: int = 100_000,
                  warmup_iters: int = 2000, lr_decay_iters: int | None = None, min_lr: float = 1.5e-5,
                  decay_lr: bool = True, output_fn: Callable[[object], Tensor] | None = None,
-                 param_groups: list[dict] | None = None, seed: int = 0, foreach: bool = True) -> None:
+                 param_groups: list[dict] | None = None, seed: int = 0, foreach: bool = True,
+                 process_group=None) -> None:
         if not callable(get_batch):
             raise TypeError(f"get_batch must be a callable () -> (X, Y), got {type(get_batch).__name__}.")
         if isinstance(update_interval, bool) or not isinstance(update_interval, int) or update_interval < 1:
@@ -578,7 +586,8 @@ class SophiaGRecipe:
         self.max_iters, self.warmup_iters, self.lr_decay_iters = int(max_iters), int(warmup_iters), int(lr_decay_iters)
         groups = official_param_groups(model, weight_decay) if param_groups is None else param_groups
         groups = [g for g in groups if len(g["params"]) > 0]
-        estimator = GNBEstimator(model, "ce", output_fn=output_fn, max_grad_norm=self.grad_clip or None, seed=seed)
+        estimator = GNBEstimator(model, "ce", output_fn=output_fn, max_grad_norm=self.grad_clip or None, seed=seed,
+                                 process_group=process_group)
         self.optimizer = Sophia(groups, lr=lr, betas=betas, rho=rho, weight_decay=weight_decay,
                                 estimator=estimator, update_interval=update_interval, foreach=foreach)
         self.iter_num = 0
