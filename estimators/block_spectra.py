@@ -217,45 +217,47 @@ def block_spectra(
         q[sg] /= torch.linalg.vector_norm(q[sg], dim=0, keepdim=True)
     Q[0] = q
     B = len(sizes)
-    alpha = torch.zeros(B, m, p, dtype=torch.float64)
-    beta = torch.zeros(B, m, p, dtype=torch.float64)
-    length = torch.zeros(B, p, dtype=torch.long)  # steps completed per block and probe
-    active = torch.ones(B, p, dtype=torch.bool)
+    # recurrence coefficients and flags stay on the operator's device: no host read inside a
+    # step; the loop reads one flag per step (any column still active?)
+    f64 = torch.float64
+    alpha = torch.zeros(B, m, p, dtype=f64, device=device)
+    beta = torch.zeros(B, m, p, dtype=f64, device=device)
+    length = torch.zeros(B, p, dtype=torch.long, device=device)  # steps completed per block and probe
+    active = torch.ones(B, p, dtype=torch.bool, device=device)
+    tiny_scale = 1e3 * torch.finfo(dtype).eps
     before = op.num_matvecs
     for j in range(m):
         W = op @ Q[j]
         for b, sg in enumerate(segs):
-            act = active[b].clone()
-            if j >= steps[b]:
-                act[:] = False
-            if not bool(act.any()):
-                active[b] = act
-                W[sg] = 0
+            if j >= steps[b]:  # this block's budget is spent (known on the host)
+                active[b] = False
                 continue
+            act = active[b]
             w = W[sg]
             qj = Q[j, sg]
             a = (qj * w).sum(0)
             w = w - qj * a
             if j > 0:
-                w = w - Q[j - 1, sg] * beta[b, j - 1].to(dtype=dtype, device=device)
+                w = w - Q[j - 1, sg] * beta[b, j - 1].to(dtype)
             # full reorthogonalization against this block's basis, twice (CGS2)
             basis = Q[: j + 1, sg].permute(2, 1, 0)  # [p, n_b, j+1]
             for _ in range(2):
                 coef = torch.einsum("pnk,np->pk", basis, w)
                 w = w - torch.einsum("pnk,pk->np", basis, coef)
             nb = torch.linalg.vector_norm(w, dim=0)
-            alpha[b, j] = torch.where(act, a.to(torch.float64).cpu(), alpha[b, j])
+            a64, nb64 = a.to(f64), nb.to(f64)
+            alpha[b, j] = torch.where(act, a64, alpha[b, j])
             length[b] += act.long()
-            tiny = nb.to(torch.float64).cpu() <= 1e3 * torch.finfo(dtype).eps * (a.abs().to(torch.float64).cpu() + 1.0)
-            stop = act & (tiny | (j + 1 >= steps[b]))
-            beta[b, j] = torch.where(act & ~stop, nb.to(torch.float64).cpu(), torch.zeros(p, dtype=torch.float64))
-            nxt = torch.where((act & ~stop).to(device), w / nb.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(w))
-            Q[j + 1, sg] = nxt
-            active[b] = act & ~stop
+            stop = act & ((nb64 <= tiny_scale * (a64.abs() + 1.0)) | (j + 1 >= steps[b]))
+            go = act & ~stop
+            beta[b, j] = torch.where(go, nb64, torch.zeros_like(nb64))
+            Q[j + 1, sg] = torch.where(go, w / nb.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(w))
+            active[b] = go
         if progress is not None:
             progress(j + 1, m)
-        if not bool(active.any()):
+        if not bool(active.any()):  # the one host read per step
             break
+    alpha, beta, length = alpha.cpu(), beta.cpu(), length.cpu()
     densities = []
     for b in range(B):
         nodes = torch.zeros(p, steps[b], dtype=torch.float64)
