@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from ._empirical_risk import BatchLoop, check_loss, forward, model_state, resolve_params
 from .losses import mean_denominator
 from .structured import DiagonalOperator
@@ -292,7 +293,7 @@ def _check_output(loss_fn, z: torch.Tensor, extension_name: str, y=None) -> None
 
 def _backpack_diagonal(model, loss_fn, data, params, extension_name: str, attribute: str,
                        mc_samples: int = 1, seed: int = 0, mode: str = "eval",
-                       check_data: bool = True) -> DiagonalOperator:
+                       check_data: bool = True, process_group=None) -> DiagonalOperator:
     try:
         from backpack import extensions
     except ImportError as exc:  # pragma: no cover - a declared dependency
@@ -308,27 +309,33 @@ def _backpack_diagonal(model, loss_fn, data, params, extension_name: str, attrib
             f"{type(loss_fn).__name__}. {_alternative(extension_name)}"
         )
     ext = _extension(extension_name, mc_samples)
+    model, params, group = distributed.prepare(model, data, process_group, params)
     names, chosen = resolve_params(model, params)
     seed = resolve_seed(seed)
     work, lf, named = _extended_copies(model, loss_fn, names, check=lambda: _check_supported(
         model, loss_fn, ext, extension_name), check_key=(extension_name, _loss_key(loss_fn)))
     device = chosen[0].device
-    loop = BatchLoop(data, device, reduction, order_sensitive=extension_name == "DiagGGNMC", check=check_data,
+    mc = extension_name == "DiagGGNMC"
+    signature = distributed.describe(extension_name, loss_fn, names, [p.shape for p in chosen], mode=mode,
+                                     mc_samples=mc_samples if mc else None, seed=seed if mc else None)
+    loop = BatchLoop(data, device, reduction, order_sensitive=mc, check=check_data,
                      batch_sensitive=mode == "train",
-                     denominator=lambda X, y: mean_denominator(loss_fn, y, X.batch_size))
+                     denominator=lambda X, y: mean_denominator(loss_fn, y, X.batch_size),
+                     process_group=group, signature=signature)
 
-    acc: list = [None] * len(chosen)
-    passes = _backpack_passes(
-        loop, work, lf, ext, named, names, attribute, seed=seed if extension_name == "DiagGGNMC" else None,
-        mode=mode, device=device, check_output=lambda z, y: _check_output(loss_fn, z, extension_name, y),
-        describe_error=lambda exc: (f"BackPACK's {extension_name} cannot handle this model/loss: {exc}. "
-                                    f"{_alternative(extension_name)}"),
-    )
-    for _, _, w, values in passes:
-        for i, value in enumerate(values):
-            value = value.detach()
-            acc[i] = (value if w == 1.0 else value * w) if acc[i] is None else acc[i].add_(value, alpha=w)
-    diag = torch.cat([(torch.zeros_like(p) if a is None else a).reshape(-1) for a, p in zip(acc, chosen)])
+    # one flat accumulator (zeros on a rank with an empty shard), summed over ranks in one all_reduce
+    diag = torch.zeros(sum(p.numel() for p in chosen), dtype=chosen[0].dtype, device=device)
+    acc = list(torch.split(diag, [p.numel() for p in chosen]))
+    with loop.shards.summed([diag]):
+        passes = _backpack_passes(
+            loop, work, lf, ext, named, names, attribute, seed=seed if mc else None,
+            mode=mode, device=device, check_output=lambda z, y: _check_output(loss_fn, z, extension_name, y),
+            describe_error=lambda exc: (f"BackPACK's {extension_name} cannot handle this model/loss: {exc}. "
+                                        f"{_alternative(extension_name)}"),
+        )
+        for _, _, w, values in passes:
+            for a, value in zip(acc, values):
+                a.add_(value.detach().reshape(-1), alpha=w)
     if not bool(torch.isfinite(diag).all()):  # one check on the result instead of one per parameter
         check_finite_params(names, chosen, extension_name)
         raise ValueError(f"{extension_name}: the diagonal has NaN/inf entries although the parameters are finite; "
@@ -347,6 +354,7 @@ def ggn_diagonal(
     seed: int | None = 0,
     mode: str = "eval",
     check_data: bool = True,
+    process_group=None,
 ) -> DiagonalOperator:
     """Diagonal of the GGN (``kind="exact"``) or of its Monte-Carlo estimate (``kind="mc"``).
 
@@ -363,6 +371,12 @@ def ggn_diagonal(
             ``None`` means 0.
         mode: ``"eval"`` (default) or ``"train"`` (BackPACK refuses train-mode BatchNorm).
         check_data: verify that the data are the same on every pass.
+        process_group: data parallel (see :mod:`curvature.distributed`): every rank of
+            the group passes its shard of the data and gets the diagonal of the whole
+            data set (one ``all_reduce`` of the ``n`` entries; a ``DistributedDataParallel``
+            model is unwrapped).  For ``kind="mc"`` the labels of global batch ``b`` are
+            seeded from ``(seed, b)``, so shards holding consecutive batches in rank order
+            give the single-process result.
 
     Returns:
         A :class:`~curvature.DiagonalOperator` ``[n]`` with ``param_shapes``.
@@ -384,19 +398,21 @@ def ggn_diagonal(
         raise ValueError(f"mc_samples must be >= 1, got {mc_samples}.")
     if kind == "exact":
         return _backpack_diagonal(model, loss_fn, data, params, "DiagGGNExact", "diag_ggn_exact",
-                                  mode=mode, check_data=check_data)
+                                  mode=mode, check_data=check_data, process_group=process_group)
     return _backpack_diagonal(model, loss_fn, data, params, "DiagGGNMC", "diag_ggn_mc",
-                              mc_samples=int(mc_samples), seed=seed, mode=mode, check_data=check_data)
+                              mc_samples=int(mc_samples), seed=seed, mode=mode, check_data=check_data,
+                              process_group=process_group)
 
 
 def hessian_diagonal(model: nn.Module, loss_fn, data, params=None, *, mode: str = "eval",
-                     check_data: bool = True) -> DiagonalOperator:
+                     check_data: bool = True, process_group=None) -> DiagonalOperator:
     """Exact diagonal of the loss Hessian through BackPACK's ``DiagHessian``.
 
-    Same arguments as :func:`ggn_diagonal` (without ``kind``); returns a
+    Same arguments as :func:`ggn_diagonal` (without ``kind``; ``process_group=`` for the
+    data-parallel diagonal); returns a
     :class:`~curvature.DiagonalOperator` ``[n]`` with ``param_shapes``.  Needs
     BackPACK's second-derivative support for every layer (Linear, Conv, smooth
     activations, ...).
     """
     return _backpack_diagonal(model, loss_fn, data, params, "DiagHessian", "diag_h",
-                              mode=mode, check_data=check_data)
+                              mode=mode, check_data=check_data, process_group=process_group)

@@ -66,6 +66,7 @@ __all__ = [
     "is_rank_zero",
     "write_on_rank_zero",
     "describe_operator",
+    "describe",
 ]
 
 #: ``process_group="local"``: this rank's data only, no communication.
@@ -219,20 +220,27 @@ def prepare(model: nn.Module, data, process_group, params=None) -> tuple[nn.Modu
 
 def describe_operator(op) -> str:
     """The settings every rank's operator must share, as one string (hashed by :meth:`ShardGroup.agree`)."""
-    loss = getattr(op, "loss_fn", None)
-    loss_desc = type(loss).__name__
-    if isinstance(loss, nn.Module):
-        simple = {k: v for k, v in sorted(vars(loss).items())
+    settings = {attr: getattr(op, attr) for attr in ("reduction", "mode", "kind", "mc_samples", "seed", "dtype")
+                if hasattr(op, attr)}
+    return describe(type(op).__name__, getattr(op, "loss_fn", None), getattr(op, "param_names", []),
+                    getattr(op, "param_shapes", []), **settings)
+
+
+def describe(what: str, loss_fn, param_names, param_shapes, **settings) -> str:
+    """The settings every rank's computation ``what`` must share, as one string.
+
+    For accumulations that are not operators (BackPACK diagonals, K-FAC factors): the
+    loss (class, scalar settings, buffer shapes), ``settings`` and the parameters' names
+    and shapes.
+    """
+    loss_desc = type(loss_fn).__name__
+    if isinstance(loss_fn, nn.Module):
+        simple = {k: v for k, v in sorted(vars(loss_fn).items())
                   if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))}
-        buffers = {k: tuple(b.shape) for k, b in loss.named_buffers()}
+        buffers = {k: tuple(b.shape) for k, b in loss_fn.named_buffers()}
         loss_desc += f"{simple}{buffers}"
-    parts = [type(op).__name__, loss_desc]
-    for attr in ("reduction", "mode", "kind", "mc_samples", "seed", "dtype"):
-        if hasattr(op, attr):
-            parts.append(f"{attr}={getattr(op, attr)}")
-    names = getattr(op, "param_names", [])
-    shapes = getattr(op, "param_shapes", [])
-    parts.append(",".join(f"{n}:{tuple(s)}" for n, s in zip(names, shapes)))
+    parts = [what, loss_desc] + [f"{k}={v}" for k, v in settings.items()]
+    parts.append(",".join(f"{n}:{tuple(s)}" for n, s in zip(param_names, param_shapes)))
     return "|".join(parts)
 
 

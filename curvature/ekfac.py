@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ._kfac_capture import capture_rows
 from .backpack import batch_seed
-from .kfac import accumulate_factors, check_kfac_args
+from .kfac import accumulate_factors, check_kfac_args, factor_sizes
 from .kronecker import LayerBlockOperator, MatrixLayoutOperator
 
 __all__ = ["EKFACBlock", "EKFACOperator", "ekfac"]
@@ -160,12 +160,15 @@ def ekfac(
     mode: str = "eval",
     separate_bias: bool = False,
     check_data: bool = True,
+    process_group=None,
 ) -> EKFACOperator:
     """Eigenvalue-corrected K-FAC of ``loss_fn(model(X), y)`` over ``data``, one block per layer.
 
     Same arguments and models as :func:`curvature.kfac` (``kind`` ``"kflr"``/``"exact"``,
     ``"kfac"``/``"mc"`` or ``"empirical"``; ``approx`` chooses the eigenbasis, i.e.
-    the K-FAC factors, for weight sharing).
+    the K-FAC factors, for weight sharing; ``process_group=`` for the data-parallel
+    operator: the factors and the eigenvalue corrections are each summed over the ranks
+    in one ``all_reduce``, every rank computes the same eigenbases).
 
     Returns:
         An :class:`EKFACOperator` ``[n, n]`` over the flat ``params``; ``.solve``,
@@ -182,9 +185,9 @@ def ekfac(
 
     Cost: twice :func:`~curvature.kfac`'s passes (factors, then corrections).
     """
-    kind, seed, loop, names, tensors, blocks = check_kfac_args(
+    model, kind, seed, loop, names, tensors, blocks = check_kfac_args(
         model, loss_fn, data, params, kind=kind, mc_samples=mc_samples, seed=seed, mode=mode, approx=approx,
-        separate_bias=separate_bias, check_data=check_data, caller="ekfac")
+        separate_bias=separate_bias, check_data=check_data, caller="ekfac", process_group=process_group)
     if kind == "kfra":
         raise ValueError("ekfac: kind='kfra' has no per-example gradients; use 'kflr', 'kfac' or 'empirical'.")
     params_by_name = dict(zip(names, tensors))
@@ -195,14 +198,17 @@ def ekfac(
         QA = torch.linalg.eigh(G).eigenvectors
         QB = None if A is None else torch.linalg.eigh(A).eigenvectors
         bases.append((QA, QB))
-    D: list[Tensor | None] = [None] * len(blocks)
-    for rows in capture_rows(model, loss_fn, loop, blocks, params_by_name, kind=kind, mc_samples=int(mc_samples),
-                             seed_of_batch=lambda b: batch_seed(seed, b), mode=mode):
-        for i, (x, gs) in enumerate(zip(rows.inputs, rows.grads)):
-            QA, QB = bases[i]
-            for g in gs:
-                term = _rotated_square_moments(g, x, QA, QB).mul_(rows.weight)
-                D[i] = term if D[i] is None else D[i].add_(term)
+    D: list[Tensor] = []  # the corrections [d_out, d_in] ([d_out, 1] for a bias block), summed over ranks
+    for blk, (QA, _) in zip(blocks, bases):
+        d_out, d_in = factor_sizes(blk, params_by_name)
+        D.append(QA.new_zeros(d_out, 1 if d_in is None else d_in))
+    with loop.shards.summed(D):
+        for rows in capture_rows(model, loss_fn, loop, blocks, params_by_name, kind=kind, mc_samples=int(mc_samples),
+                                 seed_of_batch=lambda b: batch_seed(seed, b), mode=mode):
+            for i, (x, gs) in enumerate(zip(rows.inputs, rows.grads)):
+                QA, QB = bases[i]
+                for g in gs:
+                    D[i].add_(_rotated_square_moments(g, x, QA, QB), alpha=rows.weight)
     shapes = {n: p.shape for n, p in zip(names, tensors)}
     ops = []
     for blk, (QA, QB), d in zip(blocks, bases, D):

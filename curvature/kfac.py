@@ -68,6 +68,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from ._empirical_risk import BatchLoop, check_loss, resolve_params
 from ._kfac_capture import APPROX, KINDS, LayerBlock, capture_rows, plan_blocks
 from .backpack import _backpack_passes, _extended_copies, _extension, batch_seed, check_finite_params, resolve_seed
@@ -84,10 +85,14 @@ def _symmetrized(F: Tensor) -> Tensor:
 
 
 def check_kfac_args(model, loss_fn, data, params, *, kind: str, mc_samples: int, seed, mode: str, approx: str,
-                    separate_bias: bool, check_data: bool, caller: str = "kfac"):
-    """Validate :func:`kfac`'s arguments; returns ``(kind, seed, loop, names, tensors, blocks)``."""
+                    separate_bias: bool, check_data: bool, caller: str = "kfac", process_group=None):
+    """Validate :func:`kfac`'s arguments; returns ``(model, kind, seed, loop, names, tensors, blocks)``.
+
+    ``model`` is the module to run (a ``DistributedDataParallel`` model unwrapped).
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    model, params, group = distributed.prepare(model, data, process_group, params)
     kind = _ALIASES.get(kind, kind)
     if kind not in KINDS + ("kfra",):
         raise ValueError(f"kind must be one of {sorted(KINDS + ('kfra',) + tuple(_ALIASES))}, got {kind!r}.")
@@ -105,31 +110,54 @@ def check_kfac_args(model, loss_fn, data, params, *, kind: str, mc_samples: int,
     names, tensors = resolve_params(model, params)
     check_finite_params(names, tensors, caller)
     blocks = plan_blocks(model, names, tensors, separate_bias)
+    signature = distributed.describe(caller, loss_fn, names, [p.shape for p in tensors], kind=kind, approx=approx,
+                                     mode=mode, mc_samples=int(mc_samples), seed=seed, separate_bias=separate_bias)
     loop = BatchLoop(data, tensors[0].device, reduction, order_sensitive=kind == "kfac", check=check_data,
-                     denominator=lambda X, y: mean_denominator(loss_fn, y, X.batch_size))
-    return kind, seed, loop, names, tensors, blocks
+                     denominator=lambda X, y: mean_denominator(loss_fn, y, X.batch_size),
+                     process_group=group, signature=signature)
+    return model, kind, seed, loop, names, tensors, blocks
+
+
+def factor_sizes(blk: LayerBlock, params_by_name: dict) -> tuple[int, int | None]:
+    """``(d_out, d_in)`` of a block's factors ``G [d_out, d_out]`` and ``A [d_in, d_in]`` (``None``: bias block).
+
+    ``d_in`` counts the inputs of one output (``in_features``, or ``C_in kh kw`` for a
+    convolution), plus one for a joint weight-and-bias block.
+    """
+    first = params_by_name[blk.param_names[0]]
+    if blk.how == "bias":
+        return first.shape[0], None
+    return first.shape[0], first[0].numel() + (blk.how == "joint")
 
 
 def accumulate_factors(model, loss_fn, loop: BatchLoop, blocks: list[LayerBlock], params_by_name: dict, *,
                        kind: str, mc_samples: int, seed: int, mode: str, approx: str):
-    """``[(G, A or None)]`` per block over all of ``loop`` (see the module doc for the scaling)."""
-    Gs: list[Tensor | None] = [None] * len(blocks)
-    As: list[Tensor | None] = [None] * len(blocks)
-    for rows in capture_rows(model, loss_fn, loop, blocks, params_by_name, kind=kind, mc_samples=mc_samples,
-                             seed_of_batch=lambda b: batch_seed(seed, b), mode=mode):
-        for i, (x, gs) in enumerate(zip(rows.inputs, rows.grads)):
-            for g in gs:
-                g2 = g.reshape(-1, g.shape[-1]) if approx == "expand" else g.sum(1)
-                term = g2.T @ g2
-                Gs[i] = term.mul_(rows.weight) if Gs[i] is None else Gs[i].add_(term, alpha=rows.weight)
-            if x is None:
-                continue
-            if approx == "expand":
-                x2 = x.reshape(-1, x.shape[-1])
-            else:
-                x2 = x.mean(1)
-            term = (x2.T @ x2).mul_(rows.share / x2.shape[0])
-            As[i] = term if As[i] is None else As[i].add_(term)
+    """``[(G, A or None)]`` per block over all of ``loop`` (see the module doc for the scaling).
+
+    Data parallel (``loop`` over a process group): the per-rank sums are added over the
+    ranks in one ``all_reduce`` (zeros from a rank with an empty shard).
+    """
+    Gs: list[Tensor] = []
+    As: list[Tensor | None] = []
+    for blk in blocks:
+        p = params_by_name[blk.param_names[0]]
+        d_out, d_in = factor_sizes(blk, params_by_name)
+        Gs.append(p.new_zeros(d_out, d_out))
+        As.append(None if d_in is None else p.new_zeros(d_in, d_in))
+    with loop.shards.summed(Gs + [A for A in As if A is not None]):
+        for rows in capture_rows(model, loss_fn, loop, blocks, params_by_name, kind=kind, mc_samples=mc_samples,
+                                 seed_of_batch=lambda b: batch_seed(seed, b), mode=mode):
+            for i, (x, gs) in enumerate(zip(rows.inputs, rows.grads)):
+                for g in gs:
+                    g2 = g.reshape(-1, g.shape[-1]) if approx == "expand" else g.sum(1)
+                    Gs[i].add_((g2.T @ g2).mul_(rows.weight))
+                if x is None:
+                    continue
+                if approx == "expand":
+                    x2 = x.reshape(-1, x.shape[-1])
+                else:
+                    x2 = x.mean(1)
+                As[i].add_((x2.T @ x2).mul_(rows.share / x2.shape[0]))
     return [(_symmetrized(G), None if A is None else _symmetrized(A)) for G, A in zip(Gs, As)]
 
 
@@ -156,6 +184,7 @@ def kfac(
     mode: str = "eval",
     separate_bias: bool = False,
     check_data: bool = True,
+    process_group=None,
 ) -> KFACOperator:
     """Kronecker-factored GGN / Fisher of ``loss_fn(model(X), y)`` over ``data``, one block per layer.
 
@@ -180,6 +209,12 @@ def kfac(
         separate_bias: separate weight and bias blocks (default: one joint block with
             the input augmented by 1).
         check_data: verify every pass sees the same data.
+        process_group: data parallel (see :mod:`curvature.distributed`): every rank of
+            the group passes its shard and gets the factors of the whole data set (one
+            ``all_reduce`` of all factors; empty shards allowed; a
+            ``DistributedDataParallel`` model is unwrapped).  Sampled labels of global
+            batch ``b`` are seeded from ``(seed, b)``: shards of consecutive batches in rank
+            order give the single-process factors.
 
     Returns:
         A :class:`~curvature.kronecker.KFACOperator` ``[n, n]`` over the flat ``params``
@@ -209,9 +244,9 @@ def kfac(
         NotImplementedError: a loss without the needed output curvature (the message
             names the kinds that work).
     """
-    kind, seed, loop, names, tensors, blocks = check_kfac_args(
+    model, kind, seed, loop, names, tensors, blocks = check_kfac_args(
         model, loss_fn, data, params, kind=kind, mc_samples=mc_samples, seed=seed, mode=mode, approx=approx,
-        separate_bias=separate_bias, check_data=check_data)
+        separate_bias=separate_bias, check_data=check_data, process_group=process_group)
     shapes = {n: p.shape for n, p in zip(names, tensors)}
     if kind == "kfra":
         if approx != "expand":
@@ -265,7 +300,7 @@ def _kfra_blocks(model, loss_fn, loop: BatchLoop, blocks: list[LayerBlock], name
             split.append(blk)
     work, lf, named = _extended_copies(model, loss_fn, names)
     mean_inputs: dict[str, Tensor] = {}
-    positions: dict[str, int] = {}
+    positions: dict[str, int] = {}  # output positions T of the last call of each conv layer
 
     def record(m, inp, out, layer):
         mean_inputs[layer] = inp[0].detach().mean(0)
@@ -274,25 +309,41 @@ def _kfra_blocks(model, loss_fn, loop: BatchLoop, blocks: list[LayerBlock], name
 
     hooks = [work.get_submodule(blk.modules[0]).register_forward_hook(
         lambda m, i, o, layer=blk.modules[0]: record(m, i, o, layer)) for blk in split]
+    # accumulators allocated up front (zeros on a rank with an empty shard): summed over ranks at the end
     acc: dict[str, list[Tensor]] = {}
+    for n in names:
+        p = named[n]
+        facs = [p.new_zeros(p.shape[0], p.shape[0])]
+        if p.dim() > 1:  # a weight: G and A (BackPACK's A: the inputs of one output, C_in kh kw for a conv)
+            facs.append(p.new_zeros(p[0].numel(), p[0].numel()))
+        acc[n] = facs
     xbar: dict[str, Tensor] = {}
+    # per conv layer: [sum over batches of T, batches], summed over ranks (a rank with no data saw no T)
+    seen_positions: dict[str, Tensor] = {}
+    for blk in split:
+        w0 = named[blk.param_names[0]]
+        if blk.how == "joint":
+            xbar[blk.modules[0]] = w0.new_zeros(w0[0].numel())
+        if isinstance(model.get_submodule(blk.modules[0]), nn.Conv2d):
+            seen_positions[blk.modules[0]] = w0.new_zeros(2)
     try:
-        passes = _backpack_passes(
-            loop, work, lf, ext, named, names, "kfra", seed=None, mode=mode, device=loop.device,
-            check_output=lambda z, y: _check_bce_output(loss_fn, z),
-            describe_error=lambda exc: f"BackPACK cannot compute KFRA for this model: {exc}")
-        for _, X, w, values in passes:
-            w_in = X.batch_size / loop.num_data
-            for n, value in zip(names, values):
-                facs = [f.detach() for f in value]
-                weights = [w] + [w_in] * (len(facs) - 1)
-                if n not in acc:
-                    acc[n] = [torch.zeros_like(f) for f in facs]
-                for a, f, wt in zip(acc[n], facs, weights):
-                    a.add_(f, alpha=wt)
-            for layer, xb in mean_inputs.items():
-                xb = xb.reshape(-1)
-                xbar[layer] = xbar[layer].add(xb, alpha=w_in) if layer in xbar else w_in * xb
+        with loop.shards.summed([a for facs in acc.values() for a in facs] + list(xbar.values())
+                                + list(seen_positions.values())):
+            passes = _backpack_passes(
+                loop, work, lf, ext, named, names, "kfra", seed=None, mode=mode, device=loop.device,
+                check_output=lambda z, y: _check_bce_output(loss_fn, z),
+                describe_error=lambda exc: f"BackPACK cannot compute KFRA for this model: {exc}")
+            for _, X, w, values in passes:
+                w_in = X.batch_size / loop.num_data
+                for n, value in zip(names, values):
+                    weights = [w] + [w_in] * (len(value) - 1)
+                    for a, f, wt in zip(acc[n], value, weights):
+                        a.add_(f.detach(), alpha=wt)
+                for layer, xb in xbar.items():
+                    xb.add_(mean_inputs[layer].reshape(-1), alpha=w_in)
+                for layer, seen in seen_positions.items():
+                    seen[0] += positions[layer]
+                    seen[1] += 1
     finally:
         for h in hooks:
             h.remove()
@@ -307,7 +358,7 @@ def _kfra_blocks(model, loss_fn, loop: BatchLoop, blocks: list[LayerBlock], name
             A = torch.cat([torch.cat([A, xb[:, None]], 1), torch.cat([xb[None, :], one], 1)], 0)
         elif blk.how == "weight":
             G, A = facs
-            A = A / positions.get(layer, 1)
+            A = A / (seen_positions[layer][0] / seen_positions[layer][1]) if layer in seen_positions else A
         else:
             G, A = facs[0], None
         factors.append((G, A))
