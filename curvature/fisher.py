@@ -162,8 +162,10 @@ class FisherOperator(GGNOperator):
         finally:
             self._batch_inputs = None
 
-    def _batch_generator(self, batch_index: int) -> torch.Generator:
-        state = np.random.SeedSequence([self.seed & (2**63 - 1), batch_index]).generate_state(2, np.uint32)
+    def _batch_generator(self, batch_index: int | tuple[int, int]) -> torch.Generator:
+        """The label sampler of a batch (or of micro-batch ``(batch, j)``), seeded from ``seed`` and the index."""
+        index = list(batch_index) if isinstance(batch_index, tuple) else [batch_index]
+        state = np.random.SeedSequence([self.seed & (2**63 - 1), *index]).generate_state(2, np.uint32)
         g = torch.Generator(device=self.device)
         g.manual_seed(int(state[0]) << 31 ^ int(state[1]))
         return g

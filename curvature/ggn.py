@@ -114,6 +114,10 @@ class GGNOperator(EmpiricalRiskOperator):
             return leaves, z, X, None, None, lam
         return self._reverse_state(leaves, z, lam)
 
+    def _column_bytes(self, state, rows: int) -> int:
+        """Per column: the base estimate plus ``J v`` and ``Lambda J v`` (two output-sized tensors)."""
+        return super()._column_bytes(state, rows) + 2 * state[1].numel() * self.dtype.itemsize
+
     @staticmethod
     def _reverse_state(leaves: list[Tensor], z: Tensor, lam):
         """State of the double-vjp trick: the graph of ``J^T u`` for a dummy ``u`` shaped like ``z``.
