@@ -628,16 +628,16 @@ class _DifferentiableProducts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, op, idxs, *Vs):
+    def forward(ctx, op, idxs, check_finite, *Vs):
         ctx.op, ctx.idxs = op, idxs
         with torch.no_grad():
-            return tuple(op._block_products(list(zip(idxs, Vs))))
+            return tuple(op._block_products(list(zip(idxs, Vs)), check_finite))
 
     @staticmethod
     def backward(ctx, *grads):
         grads = [torch.zeros_like(g) if g is None else g for g in grads]
         outs = ctx.op._block_products(list(zip(ctx.idxs, grads)))
-        return (None, None, *outs)
+        return (None, None, None, *outs)
 
 
 class EmpiricalRiskOperator(LinearOperator):
@@ -862,14 +862,25 @@ class EmpiricalRiskOperator(LinearOperator):
             parts = [p if p.device == self.device else p.to(self.device) for p in parts]
             return torch.stack(parts) if parts else torch.zeros(0, dtype=torch.float64, device=self.device)
 
-    def _cache_valid(self, key: tuple) -> bool:
+    def _cache_valid(self, key: tuple, deferred: list | None = None) -> bool:
+        """Whether the cached state is for ``key``'s tensors.
+
+        With ``cache_check="checksum"`` the checksums are compared on the device: into
+        ``deferred`` (a 0-dim "stale" flag, read by the caller with its other flags in one
+        sync; the cache is then trusted provisionally) or, without it, with one sync here.
+        """
         if self._state is None or key != self._state_key:
             return False
         if self.cache_check == "version":
             return True
-        # Trade-off: one device sync per product, to catch writes through .data that _version misses.
+        # Trade-off: one device read per product, to catch writes through .data that _version misses.
         sums = self._checksum()
-        return sums.shape == self._state_sum.shape and bool(torch.equal(sums, self._state_sum))
+        if sums.shape != self._state_sum.shape:
+            return False
+        if deferred is not None:
+            deferred.append((sums != self._state_sum).any())
+            return True
+        return bool(torch.equal(sums, self._state_sum))
 
     def clear_cache(self) -> None:
         """Free the cached single-batch state (the next product rebuilds it)."""
@@ -885,11 +896,11 @@ class EmpiricalRiskOperator(LinearOperator):
         """Batch product restricted to the parameters ``idx`` (rows and columns); all if ``None``."""
         raise NotImplementedError
 
-    def _get_state(self, X: ModelInputs, y, batch_index: int):
-        """The per-batch state, from the cache for a single batch."""
+    def _get_state(self, X: ModelInputs, y, batch_index: int, deferred: list | None = None):
+        """The per-batch state, from the cache for a single batch (``deferred``: see :meth:`_cache_valid`)."""
         if self._cacheable and self.cache:
             key = self._key()
-            if not self._cache_valid(key):
+            if not self._cache_valid(key, deferred):
                 self.clear_cache()
                 sums = self._checksum() if self.cache_check == "checksum" else None
                 if self._single and self.check_data:  # a single batch changed in place: NaN / inf check
@@ -930,30 +941,47 @@ class EmpiricalRiskOperator(LinearOperator):
             for j, Xj, yj, wj in self._loop.micro_batches(X, y, w, self.micro_batch_size):
                 yield (b if j is None else (b, j)), Xj, yj, wj
 
-    def _block_products(self, blocks: Sequence[tuple[list[int] | None, Tensor]]) -> list[Tensor]:
+    def _block_products(self, blocks: Sequence[tuple[list[int] | None, Tensor]],
+                        check_finite: bool = False) -> list[Tensor]:
         """Products of diagonal blocks ``[(param indices or None, V_b)]`` in one pass over the data.
 
         Memory bounds: every batch in micro-batches (``micro_batch_size``), every block in
-        column chunks (``max_block_bytes``), see the module docstring.  A failure anywhere in
-        the pass frees the cached state (no broken state survives an exception).
+        column chunks (``max_block_bytes``), see the module docstring.  Host reads: the
+        cache's checksum comparison (``cache_check="checksum"``) and, with
+        ``check_finite``, the refusal of NaN / inf results share one read at the end of the
+        pass (a stale cache found then is rebuilt and the pass repeated).  A failure
+        anywhere in the pass frees the cached state (no broken state survives an exception).
         """
         if torch.is_grad_enabled() and any(V.requires_grad for _, V in blocks):
-            return list(_DifferentiableProducts.apply(self, [idx for idx, _ in blocks], *[V for _, V in blocks]))
+            return list(_DifferentiableProducts.apply(self, [idx for idx, _ in blocks], check_finite,
+                                                      *[V for _, V in blocks]))
         outs = [torch.zeros_like(V) for _, V in blocks]
+        deferred: list[Tensor] = []  # 0-dim device flags: a stale cache (read once, below)
         try:
             with self._loop.shards.summed(outs):  # data parallel: one all_reduce over ranks (and error flag)
                 for b, X, y, w in self._units():
-                    state = self._get_state(X, y, b)
+                    state = self._get_state(X, y, b, deferred)
                     with torch.enable_grad():
                         for out, (idx, V) in zip(outs, blocks):
                             self._chunked(state, V, idx, out, w)
+            flags = list(deferred)
+            if check_finite:
+                flags.append(~torch.stack([torch.isfinite(o).all() for o in outs]).all())
+            read = torch.stack(flags).tolist() if flags else []  # the pass's one host read
         except BaseException:
             self.clear_cache()
             raise
+        if any(read[:len(deferred)]):  # written through .data since the state was built: rebuild, redo
+            self.clear_cache()
+            return self._block_products(blocks, check_finite)
+        if check_finite and read[-1]:
+            raise self._nonfinite_error()
         return outs
 
+    _checks_own_finiteness = True  # _matmat below: NaN / inf refused in the pass's one host read
+
     def _matmat(self, V: Tensor) -> Tensor:
-        return self._block_products([(None, V)])[0]
+        return self._block_products([(None, V)], self.check_finite)[0]
 
     # ---------------------------------------------------------------- extras
     def loss_and_gradient(self) -> tuple[Tensor, Tensor]:
