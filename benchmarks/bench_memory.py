@@ -52,6 +52,7 @@ CASES = [
     ("HVP", "ours", "hvp", {"micro_batch_size": 256}),
     ("HVP", "curvlinops", "hvp", {"batches_of": 256}),
     ("16-col Hessian block", "ours", "hess16", {"micro_batch_size": 256}),
+    ("16-col Hessian block", "ours", "hess16", {"budget_columns": 4}),
     ("16-col GGN block", "ours", "ggn16", {"micro_batch_size": 256}),
     ("top-5 eigenvalues", "ours", "top5", {"micro_batch_size": 256}),
     ("top-5 eigenvalues", "ours", "top5", {"max_basis": 20}),
@@ -85,6 +86,26 @@ def maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
+def _warm_up_autograd() -> None:
+    """First-call costs of torch (autograd engine, double backward, forward mode, conv kernels) before the baseline.
+
+    They are the same for every library and would otherwise land on whichever case runs
+    first in the process (each case has its own process, so: on every case).
+    """
+    import torch
+    from torch import nn
+
+    tiny = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3))
+    x, t = torch.randn(2, 1, 4, 4), torch.tensor([0, 2])
+    loss = nn.functional.cross_entropy(tiny(x), t)
+    gs = torch.autograd.grad(loss, list(tiny.parameters()), create_graph=True)
+    torch.autograd.grad(gs, list(tiny.parameters()), grad_outputs=[torch.ones_like(g) for g in gs])
+    names = [n for n, _ in tiny.named_parameters()]
+    params = tuple(p.detach() for p in tiny.parameters())
+    torch.func.jvp(lambda *ps: torch.func.functional_call(tiny, dict(zip(names, ps)), (x,)), params,
+                   tuple(torch.ones_like(p) for p in params))
+
+
 def worker(model_name: str, lib: str, case: str, options: dict) -> dict:
     import gc
 
@@ -100,6 +121,7 @@ def worker(model_name: str, lib: str, case: str, options: dict) -> dict:
 
     if lib == "curvlinops":
         import curvlinops
+    _warm_up_autograd()
     model, X, y = make(model_name)
     loss_fn = nn.CrossEntropyLoss()
     params = [p for p in model.parameters()]
@@ -161,11 +183,17 @@ def describe(lib: str, options: dict) -> str:
     return f"{lib}, " + ", ".join(shown)
 
 
-def run_case(model_name, lib, case, options, repeats):
+# glibc's default mmap threshold grows when large blocks are freed, after which freed tensors stay in
+# the heap (RSS keeps them); fixed at 1 MiB, freed tensors go back to the OS and RSS tracks live memory.
+MALLOC_ENVS = {"default malloc": {}, "mmap threshold 1 MiB": {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}}
+
+
+def run_case(model_name, lib, case, options, repeats, env_extra):
     rows = []
+    env = {**os.environ, **env_extra}
     for _ in range(repeats):
         out = subprocess.run([sys.executable, __file__, "--worker", model_name, lib, case, json.dumps(options)],
-                             capture_output=True, text=True, cwd=ROOT)
+                             capture_output=True, text=True, cwd=ROOT, env=env)
         if out.returncode != 0:
             raise RuntimeError(f"{model_name} {lib} {case} {options} failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -184,25 +212,36 @@ def main() -> None:
         print(json.dumps(worker(model_name, lib, case, json.loads(options))))
         return
     lines = ["# Peak memory: ours vs curvlinops 3.0.1", "",
-             "Peak RSS added by each case (MB = 2^20 bytes) over the process after model + data setup, each case "
-             "in a fresh subprocess (`resource.getrusage` ru_maxrss); float32, one thread, one batch, "
-             f"median of {args.repeats} run(s).  Reproduce: `python benchmarks/bench_memory.py "
-             f"--repeats {args.repeats} --out benchmarks/results_memory.md`.", ""]
+             "Peak RSS added by each case (MB = 2^20 bytes) over the process after model + data setup (and a "
+             "warm-up of autograd on a tiny model), each case in a fresh subprocess (`resource.getrusage` "
+             "ru_maxrss); float32, one thread, one batch, median of "
+             f"{args.repeats} run(s).  Two allocator settings: glibc's default (what a CPU user sees; freed "
+             "tensors may stay in the heap) and `MALLOC_MMAP_THRESHOLD_=1048576` (freed tensors go back to the "
+             "OS, so the peak tracks live tensors, closer to what a GPU allocator reports).  Reproduce: "
+             f"`python benchmarks/bench_memory.py --repeats {args.repeats} --out benchmarks/results_memory.md`.",
+             ""]
     for model_name in args.models:
         results = []
         for label, lib, case, options in CASES:
-            r = run_case(model_name, lib, case, options, args.repeats)
+            r = {name: run_case(model_name, lib, case, options, args.repeats, env)
+                 for name, env in MALLOC_ENVS.items()}
             results.append((label, lib, case, options, r))
-            print(f"{model_name:4} {label:<46} {describe(lib, options):<52} {r['mb']:8.1f} MB  {r['seconds']:6.2f} s",
-                  flush=True)
-        n = int(results[0][4]["n"])
-        ref = {(c, json.dumps(o)): r["mb"] for _, lib, c, o, r in results if lib == "curvlinops" and not o}
+            print(f"{model_name:4} {label:<46} {describe(lib, options):<52} "
+                  + "  ".join(f"{v['mb']:8.1f} MB" for v in r.values())
+                  + f"  {r['default malloc']['seconds']:6.2f} s", flush=True)
+        n = int(results[0][4]["default malloc"]["n"])
+        ref = {c: r for _, lib, c, o, r in results if lib == "curvlinops" and not o}
         lines += [f"## {model_name}: {n:,} parameters", "",
-                  "| case | run | peak MB added | vs curvlinops | seconds |", "| --- | --- | ---: | ---: | ---: |"]
+                  "| case | run | MB, default malloc | vs curvlinops | MB, mmap threshold 1 MiB | vs curvlinops "
+                  "| seconds |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
         for label, lib, case, options, r in results:
-            peer = ref.get((case, "{}"))
-            ratio = f"{r['mb'] / peer:.2f}x" if peer and lib == "ours" else ""
-            lines.append(f"| {label} | {describe(lib, options)} | {r['mb']:.1f} | {ratio} | {r['seconds']:.2f} |")
+            cells = []
+            for name in MALLOC_ENVS:
+                peer = ref.get(case, {}).get(name)
+                cells.append(f"{r[name]['mb']:.1f}")
+                cells.append(f"{r[name]['mb'] / peer['mb']:.2f}x" if peer and lib == "ours" else "")
+            lines.append(f"| {label} | {describe(lib, options)} | " + " | ".join(cells)
+                         + f" | {r['default malloc']['seconds']:.2f} |")
         lines.append("")
     text = "\n".join(lines)
     print(text)

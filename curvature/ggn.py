@@ -181,7 +181,7 @@ class GGNOperator(EmpiricalRiskOperator):
                 res = torch.autograd.grad(z, inputs, grad_outputs=W[c], retain_graph=True, allow_unused=True)
                 torch.cat([torch.zeros(p.numel(), dtype=V.dtype, device=V.device) if r is None
                            else r.reshape(-1) for r, p in zip(res, inputs)], out=out_t[c])
-            return out_t.T.contiguous()
+            return out_t.T  # a view: the caller accumulates it (no [n, k] copy)
         shapes = [leaves[i].shape for i in idx]
         inputs = [leaves[i] for i in idx]
         rows = [j for j, i in enumerate(idx) if i in used]  # parameters that influence the output
@@ -198,7 +198,7 @@ class GGNOperator(EmpiricalRiskOperator):
                                       allow_unused=True, is_grads_batched=True)
             cols = [torch.zeros(k, p.numel(), dtype=V.dtype, device=V.device) if r is None
                     else r.reshape(k, -1) for r, p in zip(res, inputs)]
-            return torch.cat(cols, dim=1).T.contiguous()
+            return torch.cat(cols, dim=1).T  # a view: the caller accumulates it (no [n, k] copy)
         # J v through the graph of J^T u (double-vjp trick), then Lambda, then J^T w
         # contiguous per-column gradient inputs (strided views of V slow the backward)
         Vt = V.T.contiguous()
@@ -213,4 +213,4 @@ class GGNOperator(EmpiricalRiskOperator):
             res = torch.autograd.grad(z, inputs, grad_outputs=W[c], retain_graph=True, allow_unused=True)
             torch.cat([torch.zeros(p.numel(), dtype=V.dtype, device=V.device) if r is None
                        else r.reshape(-1) for r, p in zip(res, inputs)], out=out_t[c])
-        return out_t.T.contiguous()
+        return out_t.T  # a view: the caller accumulates it (no [n, k] copy)
