@@ -12,7 +12,9 @@ in the output curvature ``Lambda`` (``c`` = the loss's reduction factor, see
   unbiased estimate of the exact Fisher.  Labels are drawn from a generator seeded
   from ``(seed, batch index)``, so the operator is one *fixed* matrix for its lifetime
   (Lanczos and CG need that) and the global RNG is never touched; the data must come
-  in the same batches in the same order on every pass (checked).
+  in the same batches in the same order on every pass (checked).  With
+  ``micro_batch_size=`` the labels are drawn per micro-batch, from ``(seed, batch index,
+  micro-batch index)``: another fixed sample of the same expectation.
 * ``kind="empirical"``: ``Lambda = c r r^T`` with ``r`` the output gradient of the summed
   per-entry losses at the *data* targets, i.e. the gradient outer products
   ``EF = c sum_terms g g^T``, ``c`` = ``1 / D`` for a mean (``D`` the mean's denominator,

@@ -264,3 +264,27 @@ def test_micro_batches_refused_where_they_would_change_the_matrix():
     ref = HessianOperator(mlp(), nn.CrossEntropyLoss(), (X, y))
     V = _probe(H.shape[0], 2)
     assert rel_err(H @ V, ref @ V) < TOL
+
+
+class _KeywordModel(nn.Module):
+    """``model(features=..., scale=...)``: ``scale`` is one tensor for the whole batch (not sliced)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = mlp()
+
+    def forward(self, features, scale):
+        return self.body(features) * scale
+
+
+def test_micro_batches_of_mapping_batches_slice_only_per_example_tensors():
+    model = _KeywordModel()
+    X, y = classification_data(n=9)
+    scale = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)  # first dim 3 != 9: passed whole
+    batch = {"features": X, "scale": scale, "labels": y}
+    whole = HessianOperator(model, nn.CrossEntropyLoss(), batch)
+    micro = HessianOperator(model, nn.CrossEntropyLoss(), batch, micro_batch_size=4)
+    _, built = _counting(micro)
+    V = _probe(whole.shape[0], 3)
+    assert rel_err(micro @ V, whole @ V) < TOL
+    assert [n for _, n in built] == [4, 4, 1]
