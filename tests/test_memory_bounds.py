@@ -288,3 +288,38 @@ def test_micro_batches_of_mapping_batches_slice_only_per_example_tensors():
     V = _probe(whole.shape[0], 3)
     assert rel_err(micro @ V, whole @ V) < TOL
     assert [n for _, n in built] == [4, 4, 1]
+
+
+# ---------------------------------------------------------- data parallel
+def _micro_problem():
+    model = mlp(seed=3)
+    X, y = classification_data(n=12, seed=4)
+    y = y.clone()
+    y[[1, 6, 7]] = -100  # ignored targets, unevenly spread over ranks and micro-batches
+    return model, X, y
+
+
+def _micro_rank(rank: int, world: int) -> dict:
+    """Rank 0 holds batches of 4 and 2 examples, rank 1 one of 6; micro-batches of 3 everywhere."""
+    import torch.distributed as dist
+
+    model, X, y = _micro_problem()
+    data = [[(X[0:4], y[0:4]), (X[4:6], y[4:6])], [(X[6:12], y[6:12])]][rank]
+    group = dist.group.WORLD
+    V = _probe(sum(p.numel() for p in model.parameters()), 3)
+    loss_fn = nn.CrossEntropyLoss()
+    return {name: (make(model, loss_fn, data, process_group=group, micro_batch_size=3) @ V)
+            for name, make in (("hessian", HessianOperator), ("ggn", GGNOperator))}
+
+
+def test_micro_batches_under_data_parallel_equal_the_single_process_product(tmp_path):
+    from dist_harness import spawn
+
+    outs = spawn("test_memory_bounds", "_micro_rank", 2, tmp_path)
+    model, X, y = _micro_problem()
+    V = _probe(sum(p.numel() for p in model.parameters()), 3)
+    truth = {"hessian": HessianOperator(model, nn.CrossEntropyLoss(), (X, y)) @ V,
+             "ggn": GGNOperator(model, nn.CrossEntropyLoss(), (X, y)) @ V}
+    for out in outs:
+        for name, ref in truth.items():
+            assert rel_err(out[name], ref) < TOL
