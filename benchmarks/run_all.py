@@ -36,6 +36,7 @@ SCRIPTS = {
     "compile": (["--repeats", "5"], ["--quick"], "compile", True),
     "estimators": (["--repeats", "3"], ["--repeats", "1", "--workloads", "cnn", "--tasks", "trace"],
                    "estimators", True),
+    "memory": (["--repeats", "1"], ["--models", "cnn"], "memory", True),
     "operators": (["--repeats", "5"], ["--repeats", "1", "--models", "cnn"], "operators", True),
     "scaled_gd": (["--repeats", "5"], ["--repeats", "1"], "scaled_gd", False),
     "sharpness": (["--repeats", "3"], ["--quick", "--repeats", "1"], "sharpness", True),

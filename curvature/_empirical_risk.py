@@ -38,10 +38,28 @@ Scaling out: the data-parallel reduction (``process_group=``, see
 :mod:`curvature.distributed`) sits in :class:`BatchLoop` (``N``, batches and mean
 denominators summed over ranks at construction, global batch indices) and around the
 passes of :meth:`EmpiricalRiskOperator._block_products` and ``loss_and_gradient`` (one
-``all_reduce`` of the accumulated result per pass); memory chunking
-(splitting a large batch into micro-batches, or the columns of a block) belongs in
-:meth:`EmpiricalRiskOperator._block_products`.  Nothing else loops over data
+``all_reduce`` of the accumulated result per pass).  Nothing else loops over data
 (``curvature.backpack`` iterates a :class:`BatchLoop` too).
+
+Bounded memory (the operator options ``micro_batch_size=`` and ``max_block_bytes=``, applied
+in :meth:`EmpiricalRiskOperator._block_products` and ``loss_and_gradient``):
+
+* ``micro_batch_size=m`` splits every batch into micro-batches of at most ``m`` examples
+  (:meth:`BatchLoop.micro_batches`; every tensor whose first dimension is the batch size is
+  sliced, others are passed whole) and weights micro-batch ``j`` by ``D_j / sum D`` for a
+  mean (``D`` the mean's denominator: examples, counted tokens, class weights), ``1`` for a
+  sum, so the products are the same matrix (to rounding) with the graph of ``m`` examples
+  alive at a time instead of a whole batch.  Refused in ``mode="train"`` with BatchNorm
+  (batch statistics depend on the split).  A split batch is not cached (every product
+  rebuilds each micro-batch's graph: about one forward and one backward per micro-batch
+  more per product).  The MC Fisher draws its labels per micro-batch (a different, equally
+  valid fixed sample).
+* ``max_block_bytes=b`` (default 1 GiB, ``None``: unbounded) multiplies a block ``[n, k]`` in
+  column chunks of ``k_c = max(1, b // c)`` columns through the same per-batch state, with
+  ``c`` the estimated working set of one column (:meth:`EmpiricalRiskOperator._column_bytes`:
+  ``4 n`` entries for the column's contiguous copy, its product and autograd's pieces, plus
+  ``2`` output-sized tensors per column for the GGN / Fisher).  Chunking costs no extra
+  forward or backward passes.  The input block and the ``[n, k]`` result are not counted.
 """
 
 from __future__ import annotations
@@ -225,6 +243,17 @@ def _refuse_inference_mode() -> None:
         )
 
 
+def _positive_int_or_none(value, name: str) -> int | None:
+    """``value`` as a positive ``int``, or ``None``; ``ValueError`` / ``TypeError`` naming ``name`` otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be a positive integer or None, got {type(value).__name__}.")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer or None, got {value}.")
+    return int(value)
+
+
 def _is_single_batch(data) -> bool:
     """One batch: a Mapping, or a tuple/list of at least two tensors (otherwise: an iterable of batches)."""
     if isinstance(data, Mapping):
@@ -386,6 +415,18 @@ class _PrivateRNG:
 _DONE = object()
 
 
+def _rows(obj, start: int, stop: int, n: int):
+    """``obj`` with every nested tensor whose first dimension is ``n`` cut to rows ``[start, stop)``."""
+    if isinstance(obj, Tensor):
+        return obj[start:stop] if obj.dim() and obj.shape[0] == n else obj
+    if isinstance(obj, Mapping):
+        return {k: _rows(v, start, stop, n) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        cut = [_rows(v, start, stop, n) for v in obj]
+        return tuple(cut) if isinstance(obj, tuple) else cut
+    return obj
+
+
 class BatchLoop:
     """Passes over ``data`` with the weight of each batch, checking every pass sees the same data.
 
@@ -464,6 +505,8 @@ class BatchLoop:
                     denominators.append(0.0)
             counts.counts = [sum(sizes), len(sizes), float(sum(denominators))]
         self.local_num_batches = len(sizes)
+        self.max_batch_size = max(sizes, default=0)  # local, for the micro-batch split
+        self.denominator_error = refusal  # a mean whose denominator is unknown (micro-batches need it)
         self.batch_offset = int(counts.before[1])  # global index of this rank's first batch
         if not counts.totals[0]:
             raise ValueError("data is empty: got no batches (or only empty ones).")
@@ -505,6 +548,36 @@ class BatchLoop:
         if self.reduction != "mean" or self.num_batches == 1:
             return 1.0
         return self.denominator(X, y) / self.total_denominator if self.total_denominator > 0 else 0.0
+
+    def micro_batches(self, X: ModelInputs, y, weight: float, size: int | None):
+        """Split one yielded batch into micro-batches of at most ``size`` examples, re-weighted.
+
+        Yields ``(j, X_j, y_j, w_j)``: ``j`` the micro-batch number (``None`` when the batch
+        is not split: ``size`` is ``None`` or at least the batch size), rows ``[j size, (j + 1)
+        size)`` of every tensor in the inputs and the target whose first dimension is the
+        batch size (others whole), and ``w_j = D_j / sum D`` for a mean (the batch's share
+        of the data set's mean, ``D`` = the mean's denominator), ``weight`` for a sum, so
+        ``sum_j w_j loss(X_j, y_j) = weight * loss(X, y)``.  Micro-batches with ``D_j = 0``
+        (every target ignored) are skipped.  Cost: views, no copies; for losses whose
+        denominator depends on the targets (ignored tokens, class weights) one host read
+        per micro-batch.
+        """
+        n = X.batch_size
+        if size is None or n <= size:
+            yield None, X, y, weight
+            return
+        for j, start in enumerate(range(0, n, size)):
+            stop = min(start + size, n)
+            Xj = ModelInputs(_rows(X.args, start, stop, n), _rows(X.kwargs, start, stop, n), stop - start)
+            yj = _rows(y, start, stop, n)
+            if self.reduction == "mean":
+                d = self.denominator(Xj, yj)
+                if d == 0 or self.total_denominator <= 0:
+                    continue
+                wj = d / self.total_denominator
+            else:
+                wj = weight
+            yield j, Xj, yj, wj
 
     def __iter__(self):
         _refuse_inference_mode()
@@ -555,16 +628,16 @@ class _DifferentiableProducts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, op, idxs, *Vs):
+    def forward(ctx, op, idxs, check_finite, *Vs):
         ctx.op, ctx.idxs = op, idxs
         with torch.no_grad():
-            return tuple(op._block_products(list(zip(idxs, Vs))))
+            return tuple(op._block_products(list(zip(idxs, Vs)), check_finite))
 
     @staticmethod
     def backward(ctx, *grads):
         grads = [torch.zeros_like(g) if g is None else g for g in grads]
         outs = ctx.op._block_products(list(zip(ctx.idxs, grads)))
-        return (None, None, *outs)
+        return (None, None, None, *outs)
 
 
 class EmpiricalRiskOperator(LinearOperator):
@@ -601,6 +674,14 @@ class EmpiricalRiskOperator(LinearOperator):
             custom loss module); ``inputs`` is the batch's
             :class:`~curvature.batches.ModelInputs` (``.batch_size``, ``.args``, ``.kwargs``)
             and ``y`` its target.  Default: :func:`curvature.losses.mean_denominator`.
+        micro_batch_size: split every batch into micro-batches of at most this many
+            examples, re-weighted so the matrix is unchanged (``None``, default: whole
+            batches).  Bounds the graph kept alive to that of ``micro_batch_size`` examples;
+            a split batch is not cached.  See the module docstring.
+        max_block_bytes: memory budget in bytes for the per-column working set of a block
+            product (default ``2**30``, 1 GiB; ``None``: all columns at once); a block
+            ``[n, k]`` is multiplied in chunks of ``max(1, max_block_bytes // c)`` columns,
+            ``c`` = :meth:`_column_bytes`.  See the module docstring.
 
     Products inside ``torch.inference_mode()`` raise ``RuntimeError`` (autograd is off
     there); under ``torch.no_grad()`` they are computed as usual.  A vector with
@@ -627,6 +708,8 @@ class EmpiricalRiskOperator(LinearOperator):
         adapter: BatchAdapter | None = None,
         denominator=None,
         process_group=None,
+        micro_batch_size: int | None = None,
+        max_block_bytes: int | None = 2**30,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -645,6 +728,15 @@ class EmpiricalRiskOperator(LinearOperator):
                 f"mode='train' with active dropout ({_dropout_modules(model)}) gives a random matrix; "
                 "use mode='eval' (the default) or set dropout p=0."
             )
+        self.micro_batch_size = _positive_int_or_none(micro_batch_size, "micro_batch_size")
+        self.max_block_bytes = _positive_int_or_none(max_block_bytes, "max_block_bytes")
+        if self.micro_batch_size is not None and mode == "train":
+            norms = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            if norms:
+                raise ValueError(
+                    f"micro_batch_size with mode='train' changes the batch statistics of {norms[:3]}: the "
+                    "micro-batched matrix would not be the batch's. Use mode='eval' or micro_batch_size=None."
+                )
         inference = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_inference()]
         if inference:
             raise ValueError(
@@ -682,6 +774,16 @@ class EmpiricalRiskOperator(LinearOperator):
         # one batch when the data check is on (a changed batch then fails the pass before the product
         # is returned, so a stale cached state is never used silently).
         self._cacheable = self._single or (self._loop.local_num_batches == 1 and self.check_data)
+        if self.micro_batch_size is not None:
+            if self.reduction is None:
+                raise ValueError(
+                    "micro_batch_size needs to know how the loss combines examples: loss_fn has no "
+                    "'reduction' attribute; pass reduction='mean' or 'sum'."
+                )
+            if self.reduction == "mean" and self._loop.denominator_error is not None:
+                raise self._loop.denominator_error
+            # one cached state per batch: a batch split into several micro-batches is rebuilt per product
+            self._cacheable = self._cacheable and self._loop.max_batch_size <= self.micro_batch_size
         self.num_data = self._loop.num_data
         self.num_batches = self._loop.num_batches
 
@@ -760,14 +862,25 @@ class EmpiricalRiskOperator(LinearOperator):
             parts = [p if p.device == self.device else p.to(self.device) for p in parts]
             return torch.stack(parts) if parts else torch.zeros(0, dtype=torch.float64, device=self.device)
 
-    def _cache_valid(self, key: tuple) -> bool:
+    def _cache_valid(self, key: tuple, deferred: list | None = None) -> bool:
+        """Whether the cached state is for ``key``'s tensors.
+
+        With ``cache_check="checksum"`` the checksums are compared on the device: into
+        ``deferred`` (a 0-dim "stale" flag, read by the caller with its other flags in one
+        sync; the cache is then trusted provisionally) or, without it, with one sync here.
+        """
         if self._state is None or key != self._state_key:
             return False
         if self.cache_check == "version":
             return True
-        # Trade-off: one device sync per product, to catch writes through .data that _version misses.
+        # Trade-off: one device read per product, to catch writes through .data that _version misses.
         sums = self._checksum()
-        return sums.shape == self._state_sum.shape and bool(torch.equal(sums, self._state_sum))
+        if sums.shape != self._state_sum.shape:
+            return False
+        if deferred is not None:
+            deferred.append((sums != self._state_sum).any())
+            return True
+        return bool(torch.equal(sums, self._state_sum))
 
     def clear_cache(self) -> None:
         """Free the cached single-batch state (the next product rebuilds it)."""
@@ -783,11 +896,11 @@ class EmpiricalRiskOperator(LinearOperator):
         """Batch product restricted to the parameters ``idx`` (rows and columns); all if ``None``."""
         raise NotImplementedError
 
-    def _get_state(self, X: ModelInputs, y, batch_index: int):
-        """The per-batch state, from the cache for a single batch."""
+    def _get_state(self, X: ModelInputs, y, batch_index: int, deferred: list | None = None):
+        """The per-batch state, from the cache for a single batch (``deferred``: see :meth:`_cache_valid`)."""
         if self._cacheable and self.cache:
             key = self._key()
-            if not self._cache_valid(key):
+            if not self._cache_valid(key, deferred):
                 self.clear_cache()
                 sums = self._checksum() if self.cache_check == "checksum" else None
                 if self._single and self.check_data:  # a single batch changed in place: NaN / inf check
@@ -801,29 +914,74 @@ class EmpiricalRiskOperator(LinearOperator):
                 derivative_kernels(self.model, self._kernel_needs):
             return self._build_state(X, y, batch_index)
 
-    def _block_products(self, blocks: Sequence[tuple[list[int] | None, Tensor]]) -> list[Tensor]:
+    def _column_bytes(self, state, rows: int) -> int:
+        """Estimated bytes one column of a block product with ``rows`` entries keeps alive.
+
+        ``4 rows`` entries: the column's contiguous copy, the product column, and autograd's
+        per-parameter pieces with their concatenation.  Subclasses add what scales with the
+        columns in their state (the GGN: two output-sized tensors per column).
+        """
+        return 4 * rows * self.dtype.itemsize
+
+    def _chunked(self, state, V: Tensor, idx, out: Tensor, w: float) -> None:
+        """``out += w * (batch product of V)``, the columns in chunks under ``max_block_bytes``."""
+        k = V.shape[1]
+        chunk = k
+        if self.max_block_bytes is not None:
+            chunk = max(1, min(k, self.max_block_bytes // max(1, self._column_bytes(state, V.shape[0]))))
+        if chunk >= k:
+            out.add_(self._apply_state(state, V, idx), alpha=w)
+            return
+        for start in range(0, k, chunk):
+            out[:, start:start + chunk].add_(self._apply_state(state, V[:, start:start + chunk], idx), alpha=w)
+
+    def _units(self):
+        """``(state key, inputs, target, weight)`` of every (micro-)batch of one pass."""
+        for b, X, y, w in self._loop:
+            for j, Xj, yj, wj in self._loop.micro_batches(X, y, w, self.micro_batch_size):
+                yield (b if j is None else (b, j)), Xj, yj, wj
+
+    def _block_products(self, blocks: Sequence[tuple[list[int] | None, Tensor]],
+                        check_finite: bool = False) -> list[Tensor]:
         """Products of diagonal blocks ``[(param indices or None, V_b)]`` in one pass over the data.
 
-        Memory chunking (micro-batches, or slices of the columns) would go here.  A failure
+        Memory bounds: every batch in micro-batches (``micro_batch_size``), every block in
+        column chunks (``max_block_bytes``), see the module docstring.  Host reads: the
+        cache's checksum comparison (``cache_check="checksum"``) and, with
+        ``check_finite``, the refusal of NaN / inf results share one read at the end of the
+        pass (a stale cache found then is rebuilt and the pass repeated).  A failure
         anywhere in the pass frees the cached state (no broken state survives an exception).
         """
         if torch.is_grad_enabled() and any(V.requires_grad for _, V in blocks):
-            return list(_DifferentiableProducts.apply(self, [idx for idx, _ in blocks], *[V for _, V in blocks]))
+            return list(_DifferentiableProducts.apply(self, [idx for idx, _ in blocks], check_finite,
+                                                      *[V for _, V in blocks]))
         outs = [torch.zeros_like(V) for _, V in blocks]
+        deferred: list[Tensor] = []  # 0-dim device flags: a stale cache (read once, below)
         try:
             with self._loop.shards.summed(outs):  # data parallel: one all_reduce over ranks (and error flag)
-                for b, X, y, w in self._loop:
-                    state = self._get_state(X, y, b)
+                for b, X, y, w in self._units():
+                    state = self._get_state(X, y, b, deferred)
                     with torch.enable_grad():
                         for out, (idx, V) in zip(outs, blocks):
-                            out.add_(self._apply_state(state, V, idx), alpha=w)
+                            self._chunked(state, V, idx, out, w)
+            flags = list(deferred)
+            if check_finite:
+                flags.append(~torch.stack([torch.isfinite(o).all() for o in outs]).all())
+            read = torch.stack(flags).tolist() if flags else []  # the pass's one host read
         except BaseException:
             self.clear_cache()
             raise
+        if any(read[:len(deferred)]):  # written through .data since the state was built: rebuild, redo
+            self.clear_cache()
+            return self._block_products(blocks, check_finite)
+        if check_finite and read[-1]:
+            raise self._nonfinite_error()
         return outs
 
+    _checks_own_finiteness = True  # _matmat below: NaN / inf refused in the pass's one host read
+
     def _matmat(self, V: Tensor) -> Tensor:
-        return self._block_products([(None, V)])[0]
+        return self._block_products([(None, V)], self.check_finite)[0]
 
     # ---------------------------------------------------------------- extras
     def loss_and_gradient(self) -> tuple[Tensor, Tensor]:
@@ -831,7 +989,7 @@ class EmpiricalRiskOperator(LinearOperator):
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         grad = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
         with self._loop.shards.summed([total, grad]):  # data parallel: summed over ranks
-            for _, X, y, w in self._loop:
+            for _, X, y, w in self._units():
                 with torch.enable_grad(), model_state(self.model, self.mode):
                     leaves, z = self._forward(X)
                     loss = self._loss(z, y)

@@ -62,8 +62,10 @@ class ParameterBlock(LinearOperator):
         self.param_names = [parent.param_names[i] for i in idx]
         self.params = [parent.params[i] for i in idx]
 
+    _checks_own_finiteness = True  # NaN / inf refused in the parent's one host read per pass
+
     def _matmat(self, X: Tensor) -> Tensor:
-        return self.parent._block_products([(self.idx, X)])[0]
+        return self.parent._block_products([(self.idx, X)], self.check_finite)[0]
 
     def clear_cache(self) -> None:
         """Free the shared cached state."""
@@ -85,9 +87,12 @@ class CurvatureBlockDiagonal(BlockDiagonalOperator):
         super().__init__(blocks, names=[name for name, _ in groups])
         self.parent = parent
 
+    _checks_own_finiteness = True  # NaN / inf refused in the parent's one host read per pass
+
     def _matmat(self, X: Tensor) -> Tensor:
         parts = torch.split(X, self.sizes, dim=0)
-        outs = self.parent._block_products([(blk.idx, part) for blk, part in zip(self.blocks, parts)])
+        outs = self.parent._block_products([(blk.idx, part) for blk, part in zip(self.blocks, parts)],
+                                           self.check_finite)
         return torch.cat(outs, dim=0)
 
     def clear_cache(self) -> None:

@@ -187,9 +187,9 @@ class FiniteDifferenceHessianOperator(EmpiricalRiskOperator):
                     t.copy_(t0)
         return out
 
-    def _block_products(self, blocks):
+    def _block_products(self, blocks, check_finite: bool = False):
         if not self.sharded:
-            return super()._block_products(blocks)
+            return super()._block_products(blocks, check_finite)
         # FSDP's backward averages the ranks' gradients, so each rank scales its batch loss by
         # size * w (w from the global denominators): the averaged gradient is the weighted sum
         # over ranks, the same on every rank; no all_reduce of the products.
@@ -198,4 +198,6 @@ class FiniteDifferenceHessianOperator(EmpiricalRiskOperator):
         for _, X, y, w in self._loop:
             for out, (idx, V) in zip(outs, blocks):
                 out.add_(self._apply_state((X, y, size * w), V, idx))
+        if check_finite and not all(bool(torch.isfinite(o).all()) for o in outs):
+            raise self._nonfinite_error()
         return outs

@@ -12,7 +12,9 @@ in the output curvature ``Lambda`` (``c`` = the loss's reduction factor, see
   unbiased estimate of the exact Fisher.  Labels are drawn from a generator seeded
   from ``(seed, batch index)``, so the operator is one *fixed* matrix for its lifetime
   (Lanczos and CG need that) and the global RNG is never touched; the data must come
-  in the same batches in the same order on every pass (checked).
+  in the same batches in the same order on every pass (checked).  With
+  ``micro_batch_size=`` the labels are drawn per micro-batch, from ``(seed, batch index,
+  micro-batch index)``: another fixed sample of the same expectation.
 * ``kind="empirical"``: ``Lambda = c r r^T`` with ``r`` the output gradient of the summed
   per-entry losses at the *data* targets, i.e. the gradient outer products
   ``EF = c sum_terms g g^T``, ``c`` = ``1 / D`` for a mean (``D`` the mean's denominator,
@@ -162,8 +164,10 @@ class FisherOperator(GGNOperator):
         finally:
             self._batch_inputs = None
 
-    def _batch_generator(self, batch_index: int) -> torch.Generator:
-        state = np.random.SeedSequence([self.seed & (2**63 - 1), batch_index]).generate_state(2, np.uint32)
+    def _batch_generator(self, batch_index: int | tuple[int, int]) -> torch.Generator:
+        """The label sampler of a batch (or of micro-batch ``(batch, j)``), seeded from ``seed`` and the index."""
+        index = list(batch_index) if isinstance(batch_index, tuple) else [batch_index]
+        state = np.random.SeedSequence([self.seed & (2**63 - 1), *index]).generate_state(2, np.uint32)
         g = torch.Generator(device=self.device)
         g.manual_seed(int(state[0]) << 31 ^ int(state[1]))
         return g

@@ -114,6 +114,10 @@ class GGNOperator(EmpiricalRiskOperator):
             return leaves, z, X, None, None, lam
         return self._reverse_state(leaves, z, lam)
 
+    def _column_bytes(self, state, rows: int) -> int:
+        """Per column: the base estimate plus ``J v`` and ``Lambda J v`` (two output-sized tensors)."""
+        return super()._column_bytes(state, rows) + 2 * state[1].numel() * self.dtype.itemsize
+
     @staticmethod
     def _reverse_state(leaves: list[Tensor], z: Tensor, lam):
         """State of the double-vjp trick: the graph of ``J^T u`` for a dummy ``u`` shaped like ``z``.
@@ -177,7 +181,7 @@ class GGNOperator(EmpiricalRiskOperator):
                 res = torch.autograd.grad(z, inputs, grad_outputs=W[c], retain_graph=True, allow_unused=True)
                 torch.cat([torch.zeros(p.numel(), dtype=V.dtype, device=V.device) if r is None
                            else r.reshape(-1) for r, p in zip(res, inputs)], out=out_t[c])
-            return out_t.T.contiguous()
+            return out_t.T  # a view: the caller accumulates it (no [n, k] copy)
         shapes = [leaves[i].shape for i in idx]
         inputs = [leaves[i] for i in idx]
         rows = [j for j, i in enumerate(idx) if i in used]  # parameters that influence the output
@@ -194,7 +198,7 @@ class GGNOperator(EmpiricalRiskOperator):
                                       allow_unused=True, is_grads_batched=True)
             cols = [torch.zeros(k, p.numel(), dtype=V.dtype, device=V.device) if r is None
                     else r.reshape(k, -1) for r, p in zip(res, inputs)]
-            return torch.cat(cols, dim=1).T.contiguous()
+            return torch.cat(cols, dim=1).T  # a view: the caller accumulates it (no [n, k] copy)
         # J v through the graph of J^T u (double-vjp trick), then Lambda, then J^T w
         # contiguous per-column gradient inputs (strided views of V slow the backward)
         Vt = V.T.contiguous()
@@ -209,4 +213,4 @@ class GGNOperator(EmpiricalRiskOperator):
             res = torch.autograd.grad(z, inputs, grad_outputs=W[c], retain_graph=True, allow_unused=True)
             torch.cat([torch.zeros(p.numel(), dtype=V.dtype, device=V.device) if r is None
                        else r.reshape(-1) for r, p in zip(res, inputs)], out=out_t[c])
-        return out_t.T.contiguous()
+        return out_t.T  # a view: the caller accumulates it (no [n, k] copy)

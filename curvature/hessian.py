@@ -156,7 +156,7 @@ class HessianOperator(EmpiricalRiskOperator):
                                       allow_unused=True, is_grads_batched=True)
             cols = [torch.zeros(k, p.numel(), dtype=V.dtype, device=V.device) if r is None
                     else r.reshape(k, -1) for r, p in zip(res, inputs)]
-            return torch.cat(cols, dim=1).T.contiguous()
+            return torch.cat(cols, dim=1).T  # a view: the caller accumulates it (no [n, k] copy)
         # one contiguous row per column: strided views of V as gradient inputs slow the
         # backward itself (measured 1.10x at 10 columns, 1.24x at 32 in plain torch)
         Vt = V.T.contiguous()
@@ -167,4 +167,4 @@ class HessianOperator(EmpiricalRiskOperator):
             res = torch.autograd.grad(outputs, inputs, grad_outputs=gouts, retain_graph=True, allow_unused=True)
             torch.cat([torch.zeros(p.numel(), dtype=V.dtype, device=V.device) if r is None
                        else r.reshape(-1) for r, p in zip(res, inputs)], out=out_t[c])
-        return out_t.T.contiguous()
+        return out_t.T  # a view: the caller accumulates it (no [n, k] copy)

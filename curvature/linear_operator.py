@@ -88,7 +88,8 @@ class LinearOperator:
         num_matvecs: products performed through the public interface so far, one per
             column (``A @ V`` with ``V`` of shape ``[n, k]`` adds ``k``).
         check_finite: when ``True`` (default), a product that returns NaN or inf
-            raises ``FloatingPointError`` instead of handing it on silently.
+            raises ``FloatingPointError`` instead of handing it on silently (one host
+            read per product; set it to ``False`` for loops that must not sync).
     """
 
     def __init__(
@@ -165,12 +166,19 @@ class LinearOperator:
         if Y.dtype != self.dtype:
             raise TypeError(f"{type(self).__name__}'s product returned dtype {Y.dtype}; the operator "
                             f"is declared {self.dtype} (return Y.to({self.dtype}) or declare the dtype).")
-        if self.check_finite and not bool(torch.isfinite(Y).all()):
-            raise FloatingPointError(
-                f"{type(self).__name__} produced NaN or inf in a matrix-vector product "
-                "(non-finite curvature: check the model's loss and parameters at this point)."
-            )
+        if self.check_finite and not self._checks_own_finiteness and not bool(torch.isfinite(Y).all()):
+            raise self._nonfinite_error()
         return Y
+
+    # A subclass whose _matmat refuses non-finite results itself (merged with its own host read,
+    # see EmpiricalRiskOperator) sets this, so a product reads the host once, not twice.
+    _checks_own_finiteness = False
+
+    def _nonfinite_error(self) -> FloatingPointError:
+        return FloatingPointError(
+            f"{type(self).__name__} produced NaN or inf in a matrix-vector product "
+            "(non-finite curvature: check the model's loss and parameters at this point)."
+        )
 
     def matvec(self, v: Tensor) -> Tensor:
         """``A @ v`` for ``v`` of shape ``[n]``; returns ``[m]``."""

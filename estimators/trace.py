@@ -92,7 +92,7 @@ def hutchinson_trace(
         drawn += b
         if adaptive and drawn >= max(2, min_probes):
             s = torch.cat(samples)
-            if float(_std_error(s)) <= rtol_ * abs(float(s.mean())) + atol_:
+            if bool(_std_error(s) <= rtol_ * s.mean().abs() + atol_):  # the block's one host read
                 converged = True
                 break
     s = torch.cat(samples)

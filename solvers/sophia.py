@@ -98,6 +98,10 @@ class Sophia(OptimizerConventions, Optimizer):
             is written (parameters, buffers, counters and the estimator's RNG are
             left as they were); ``"skip"`` skips such a step with a warning
             (counted in ``num_skipped_steps``; a due refresh is retried next step).
+            Both cost one host read per step (and one per refresh).  ``"off"``: no
+            check and no host read (for GPU loops that watch the loss themselves);
+            a NaN/inf gradient or estimate then reaches the parameters, as in
+            ``torch.optim.AdamW``.
 
     Attributes:
         last_win_rate: fraction of coordinates (all groups) *not* clipped at the
@@ -135,8 +139,8 @@ class Sophia(OptimizerConventions, Optimizer):
         if update_interval is not None and (isinstance(update_interval, bool) or not isinstance(update_interval, int)
                                             or update_interval < 0):
             raise ValueError(f"Invalid update_interval: {update_interval!r} (must be an integer >= 0 or None).")
-        if nonfinite not in ("raise", "skip"):
-            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}.")
+        if nonfinite not in ("raise", "skip", "off"):
+            raise ValueError(f"nonfinite must be 'raise', 'skip' or 'off', got {nonfinite!r}.")
         if estimator is not None and not isinstance(estimator, DiagonalCurvatureEstimator):
             raise TypeError(f"estimator must be a DiagonalCurvatureEstimator, got {type(estimator).__name__}.")
         defaults = dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, eps=eps)
@@ -275,14 +279,14 @@ class Sophia(OptimizerConventions, Optimizer):
             rng = self.estimator.get_rng_state()
             try:
                 diag = self._estimate(curvature, params)
-                if not all_finite(diag):
+                if self.nonfinite != "off" and not all_finite(diag):
                     raise FloatingPointError("Sophia: the curvature estimate has NaN/inf entries; parameters, "
                                              "buffers and counters were left unchanged.")
             except BaseException:
                 self.estimator.set_rng_state(rng)
                 raise
             return diag
-        if not all_finite(diag):
+        if self.nonfinite != "off" and not all_finite(diag):
             raise FloatingPointError("Sophia: the curvature estimate has NaN/inf entries; h was left unchanged.")
         return diag
 
@@ -359,7 +363,7 @@ class Sophia(OptimizerConventions, Optimizer):
                     raise ValueError("Sophia does not support sparse gradients.")
             groups.append(ps)
         all_grads = [p.grad for ps in groups for p in ps]
-        if all_grads and not all_finite(all_grads):
+        if all_grads and self.nonfinite != "off" and not all_finite(all_grads):
             return self._reject("Sophia.step: a gradient has NaN/inf entries", loss)
         diag = None
         if refresh:
