@@ -557,9 +557,9 @@ class ClosedFormOutputHessian:
             lo, hi = torch.aminmax(r) if r.numel() else (r.new_ones(()), r.new_ones(()))
             if float(lo) == float(hi):  # one weight for every position (the common case): fold it into c
                 self.scale *= float(lo)
-                self.pr = self.p
-            else:
-                self.pr = self.p * r  # r p: the row weights folded into p once
+                self.row_scale = None
+            else:  # c r: one number per position (size 1 along the class dim), never a p-sized copy
+                self.row_scale = self.scale * r
         elif fam is _BCEWithLogitsFamily:
             s = torch.sigmoid(z)
             self.d = s * (1 - s)
@@ -575,10 +575,11 @@ class ClosedFormOutputHessian:
     def _cross_entropy_matmat(self, V: Tensor) -> Tensor:
         """``c r (diag p - p p^T) v = c (r p) * (v - <p, v>)`` per position, never a ``[C, C]`` matrix.
 
-        Memory: one tensor of ``V``'s size (the result) plus ``k x positions`` dot products;
-        with the class dim last (``[N, C]`` logits, token logits ``[B, T, V]``) the dots are
-        batched matrix products, otherwise one ``V``-sized temporary ``p * V`` is freed
-        before the result is allocated.  Time: four passes over ``V``.  Measured at
+        Memory: one tensor of ``V``'s size (the result) plus ``k x positions`` dot products
+        (the state is ``p`` and one weight per position); with the class dim last (``[N, C]``
+        logits, token logits ``[B, T, V]``) the dots are batched matrix products, otherwise
+        one ``V``-sized temporary ``p * V`` is freed before the result is allocated.  Time:
+        four passes over ``V``.  Measured at
         ``N x C = 512 x 50,304`` in ``benchmarks/bench_ce_hessian.py`` (BENCHMARKS.md).
         """
         d = self.dim + 1  # the class dim of V
@@ -590,8 +591,10 @@ class ClosedFormOutputHessian:
         else:
             dots = (p * V).sum(dim=d, keepdim=True)
         out = V - dots
-        out.mul_(self.pr)
-        if self.scale != 1.0:
+        out.mul_(p)
+        if self.row_scale is not None:
+            out.mul_(self.row_scale)
+        elif self.scale != 1.0:
             out.mul_(self.scale)
         return out
 
