@@ -305,13 +305,34 @@ def write_results(path_md: str | None, name: str, title: str, command: str, tabl
     text = render_markdown(payload)
     print(text)
     if path_md:
+        old = open(path_md).read() if os.path.exists(path_md) else ""
         with open(path_md, "w") as f:
-            f.write(text)
+            f.write(replace_block(old, name, text))
         base = path_md[:-3] if path_md.endswith(".md") else path_md
         with open(base + ".json", "w") as f:
             json.dump(payload, f, indent=1)
             f.write("\n")
     return payload
+
+
+def markers(name: str) -> tuple[str, str]:
+    """The marker lines around a generated block named ``name``."""
+    return f"<!-- BEGIN generated:{name} -->", f"<!-- END generated:{name} -->"
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    """``text`` with the block between ``name``'s markers replaced by ``body``.
+
+    Without markers in ``text`` the marked block goes first and ``text`` follows unchanged
+    (a results file that other scripts or people also write to keeps their sections).
+    """
+    begin, end = markers(name)
+    body = body if body.endswith("\n") else body + "\n"
+    i = text.find(begin + "\n")
+    j = text.find(end, i + 1) if i >= 0 else -1
+    if i < 0 or j < 0:
+        return f"{begin}\n{body}{end}\n" + ("\n" + text if text else "")
+    return text[:i + len(begin) + 1] + body + text[j:]
 
 
 def render_markdown(payload: dict, heading: str = "## ") -> str:

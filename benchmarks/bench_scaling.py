@@ -13,7 +13,9 @@
 
 Each size runs in its own process, ``--repeats`` rounds round-robin over the sizes, medians
 (min-max) over rounds; inside a process, times are medians of ``--inner`` interleaved calls.
-Wall seconds, one thread.
+One thread; CPU seconds of the process by default (``--clock cpu``: on the shared build
+machine the wall clock includes waiting for a core, and with one thread CPU seconds are an
+idle machine's wall clock), ``--clock wall`` for a quiet machine or CUDA.
 
 Run:  python benchmarks/bench_scaling.py --repeats 5 --out benchmarks/results_scaling.md
 """
@@ -34,7 +36,7 @@ import _harness as H  # noqa: E402
 SCRIPT = os.path.abspath(__file__)
 
 
-def per_example_case(N: int, inner: int) -> dict:
+def per_example_case(N: int, inner: int, timer) -> dict:
     import curvature
 
     torch.manual_seed(0)
@@ -50,7 +52,7 @@ def per_example_case(N: int, inner: int) -> dict:
     def grad():
         torch.autograd.grad(loss_fn(model(X), y), params)
 
-    t = H.interleave({"gradient": grad, "hvp": lambda: Hop @ v, "ggn": lambda: Gop @ v}, inner)
+    t = H.interleave({"gradient": grad, "hvp": lambda: Hop @ v, "ggn": lambda: Gop @ v}, inner, timer=timer)
     return {k: H.Stats.of(ts).median / N for k, ts in t.items()}
 
 
@@ -69,7 +71,7 @@ def cheap_operator(n: int):
     return curvature.CallableOperator(matmat, (n, n), dtype=torch.float32, is_symmetric=True)
 
 
-def bookkeeping_case(n: int, inner: int) -> dict:
+def bookkeeping_case(n: int, inner: int, timer) -> dict:
     import estimators
 
     op = cheap_operator(n)
@@ -81,7 +83,7 @@ def bookkeeping_case(n: int, inner: int) -> dict:
         return r.num_matvecs
 
     products = solve()
-    t = H.interleave({"solve": solve, "product": lambda: op.matmat(x)}, inner)
+    t = H.interleave({"solve": solve, "product": lambda: op.matmat(x)}, inner, timer=timer)
     solve_s, prod_s = H.Stats.of(t["solve"]).median, H.Stats.of(t["product"]).median
     per_step = (solve_s - products * prod_s) / products
     return {"products": products, "solve_s": solve_s, "product_s": prod_s, "per_step_s": per_step}
@@ -89,9 +91,10 @@ def bookkeeping_case(n: int, inner: int) -> dict:
 
 def run_case(case: dict) -> dict:
     H.one_thread()
+    timer = H.clock(case["clock"])
     if case["kind"] == "N":
-        return per_example_case(case["N"], case["inner"])
-    return bookkeeping_case(case["n"], case["inner"])
+        return per_example_case(case["N"], case["inner"], timer)
+    return bookkeeping_case(case["n"], case["inner"], timer)
 
 
 def main(argv=None) -> int:
@@ -100,6 +103,7 @@ def main(argv=None) -> int:
     ap.add_argument("--inner", type=int, default=5, help="interleaved calls timed inside a process")
     ap.add_argument("--sizes", default="256,1024,4096,16384", help="batch sizes N (per-example table)")
     ap.add_argument("--dims", default="10000,50000,269322,1800000", help="operator sizes n (bookkeeping table)")
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     ap.add_argument("--quick", action="store_true", help="N up to 4,096, n up to 269,322, 1 round")
     ap.add_argument("--out", default=None, help="markdown file (a .json beside it)")
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)
@@ -110,8 +114,8 @@ def main(argv=None) -> int:
     if args.quick:
         args.sizes, args.dims, args.repeats, args.inner = "256,1024,4096", "10000,50000,269322", 1, 3
     sizes, dims = [int(s) for s in args.sizes.split(",")], [int(s) for s in args.dims.split(",")]
-    cases = [{"kind": "N", "N": N, "inner": args.inner} for N in sizes]
-    cases += [{"kind": "n", "n": n, "inner": args.inner} for n in dims]
+    cases = [{"kind": "N", "N": N, "inner": args.inner, "clock": args.clock} for N in sizes]
+    cases += [{"kind": "n", "n": n, "inner": args.inner, "clock": args.clock} for n in dims]
     res = H.run_cases(SCRIPT, cases, args.repeats, timeout=1800)
     failed = [f"{json.dumps(c)}: {r['error']}" for c in cases for r in res[H.case_key(c)] if "error" in r]
 
@@ -139,8 +143,9 @@ def main(argv=None) -> int:
                      "failed" if st is None else f"{st.median * 1e3 / c['n']:.2f}"])
     t2 = H.table(["n", "products", "bookkeeping per step [us]", "operator product [us]", "bookkeeping [ns / parameter]"],
                  rows, title="`top_eigenvalues(k=5, tol=1e-6)` bookkeeping per step (time minus products, per product)")
-    notes = ["each size in its own process; medians (min-max) over rounds of the per-process medians; wall clock, "
-             "one thread; the bookkeeping operator is diagonal plus rank 6, so its product is cheap and known"]
+    notes = ["each size in its own process; medians (min-max) over rounds of the per-process medians; "
+             f"{'CPU seconds of the process' if args.clock == 'cpu' else 'wall clock'}, one thread; the bookkeeping "
+             "operator is diagonal plus rank 6, so its product is cheap and known"]
     notes += [f"failed: {f}" for f in failed]
     cmd = (f"python benchmarks/bench_scaling.py --repeats {args.repeats} --sizes {args.sizes} --dims {args.dims} "
            "--out benchmarks/results_scaling.md")

@@ -41,7 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
-from _harness import markdown_table  # noqa: E402
+from _harness import markdown_table, markers, replace_block  # noqa: E402
 
 # name -> (full arguments, quick arguments, output file stem, takes --out).  Scripts not listed
 # here run with no arguments and their standard output is kept.
@@ -132,8 +132,7 @@ def summary(runs: list[dict], quick: bool, out_dir: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-MARKERS = re.compile(r"(<!-- BEGIN generated:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- END generated:(?P=name) -->)",
-                     re.S)
+MARKERS = re.compile(r"<!-- BEGIN generated:(?P<name>[\w.-]+) -->\n")
 
 
 def generated_block(payload: dict, source: str) -> str:
@@ -165,16 +164,11 @@ def regenerate(md_path: str, json_dir: str, target: str | None = None) -> tuple[
     with open(md_path) as f:
         text = f.read()
     inserted = []
-
-    def sub(m):
-        name = m.group("name")
-        if name not in payloads:
-            return m.group(0)
-        inserted.append(name)
-        payload, source = payloads[name]
-        return m.group(1) + generated_block(payload, source) + m.group(4)
-
-    text = MARKERS.sub(sub, text)
+    for name in dict.fromkeys(MARKERS.findall(text)):
+        if name in payloads and markers(name)[1] in text:
+            payload, source = payloads[name]
+            text = replace_block(text, name, generated_block(payload, source))
+            inserted.append(name)
     with open(target or md_path, "w") as f:
         f.write(text)
     return inserted, sorted(set(payloads) - set(inserted))

@@ -111,3 +111,15 @@ def test_regen_only_rewrites_the_marked_block(tmp_path):
 def test_table_refuses_ragged_rows():
     with pytest.raises(ValueError, match="2 cells for 3 columns"):
         H.table(["a", "b", "c"], [["1", "2"]])
+
+
+def test_results_file_keeps_other_sections(tmp_path):
+    """A results .md that others also write to: the script's block goes first, their text stays."""
+    path = tmp_path / "results_x.md"
+    path.write_text("## Someone else's section\n\ntheir numbers\n")
+    tbl = H.table(["a", "b"], [["1", "2"]])
+    H.write_results(str(path), "x", "First", "python x.py", [tbl])
+    H.write_results(str(path), "x", "Second", "python x.py", [tbl])
+    text = path.read_text()
+    assert text.count("<!-- BEGIN generated:x -->") == 1 and "## Second" in text and "## First" not in text
+    assert text.endswith("## Someone else's section\n\ntheir numbers\n")
