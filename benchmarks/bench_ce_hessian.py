@@ -163,7 +163,7 @@ def main(argv=None) -> int:
                          cell(kind, m, "peak_mib", 0),
                          cell(kind, m, "product_s", ref="autograd"), cell(kind, m, "peak_mib", ref="autograd")])
     tbl = H.table(["what", "method", "first product incl. setup [s]", "cached product [s]", "peak memory [MiB]",
-                   "time / autograd", "memory / autograd"], rows, align="llrrrrr")
+                   "cached product / autograd", "peak memory / autograd"], rows, align="llrrrrr")
     cmd = (f"python benchmarks/bench_ce_hessian.py --repeats {args.repeats} --vocab {args.vocab}"
            + (f" --device {args.device}" if args.device != "cpu" else "") + " --out benchmarks/results_ce_hessian.md")
     title = (f"Cross-entropy output Hessian at B x T x V = {args.batch} x {args.tokens} x {args.vocab:,} "

@@ -55,7 +55,9 @@ subclass that keeps the class's** ``forward`` (no instance ``forward``, no forwa
 hooks): a focal loss subclassing ``CrossEntropyLoss`` gets autograd output Hessians, no
 MC/exact Fisher, and no mean over several batches unless the operator is given
 ``denominator=``.  Such losses, and any loss module whose class is not in the table,
-raise :class:`MeanDenominatorError` over several batches with ``reduction="mean"``.  A
+raise :class:`MeanDenominatorError` over several batches with ``reduction="mean"``.
+The GGN's :func:`output_hessian` also gives the function ``F.cross_entropy`` itself the
+closed form of its defaults (``nn.CrossEntropyLoss()``).  A
 plain function (no ``reduction`` attribute) keeps its documented meaning: the user
 passes ``reduction="mean"`` to the operator meaning *the mean over examples*
 (``D = batch size``) or ``"sum"``.
