@@ -377,6 +377,7 @@ def main(argv=None) -> int:
         return 0
     if args.quick:
         args.workloads, args.tasks, args.repeats = "block", "top1,trace,block,slq", 1
+    H.one_thread()  # the cases run with one thread; so does this process (and its machine line)
     workloads, tasks = args.workloads.split(","), args.tasks.split(",")
     unknown = sorted(set(workloads) - set(WORKLOADS)) + sorted(set(tasks) - set(METHODS))
     if unknown:

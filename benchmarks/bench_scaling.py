@@ -113,6 +113,7 @@ def main(argv=None) -> int:
         return 0
     if args.quick:
         args.sizes, args.dims, args.repeats, args.inner = "256,1024,4096", "10000,50000,269322", 1, 3
+    H.one_thread()  # the cases run with one thread; so does this process (and its machine line)
     sizes, dims = [int(s) for s in args.sizes.split(",")], [int(s) for s in args.dims.split(",")]
     cases = [{"kind": "N", "N": N, "inner": args.inner, "clock": args.clock} for N in sizes]
     cases += [{"kind": "n", "n": n, "inner": args.inner, "clock": args.clock} for n in dims]
