@@ -18,13 +18,16 @@ Run:  python benchmarks/bench_operators.py --repeats 5 --out benchmarks/results_
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import os
+import sys
 
 import torch
 from torch import nn
 
 import curvature
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as H  # noqa: E402
 
 try:
     import curvlinops
@@ -50,16 +53,8 @@ def make_cnn():
 
 
 def round_robin(fns: dict, repeats: int) -> dict:
-    """Median seconds per function, timed in interleaved rounds (fair under a varying machine load)."""
-    for fn in fns.values():
-        fn()  # warm-up (allocator, first-call overheads)
-    ts = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            ts[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in ts.items()}
+    """Median seconds per function, timed in interleaved rounds after one warm-up round (``_harness.interleave``)."""
+    return {k: H.Stats.of(ts).median for k, ts in H.interleave(fns, repeats).items()}
 
 
 def forward_mode_ggn(model, loss_fn, X, y, V):
