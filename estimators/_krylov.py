@@ -289,13 +289,13 @@ class KrylovSchur:
         return rows_combine((self.F[:m, :m] @ Ys).T, self.V[:m], self.wdtype) + (self.C[:m].T @ Ys).T @ self.G
 
     def basis_rounding(self, anorm: Tensor) -> Tensor:
-        """Modelled rounding of the relation itself: ``2 u_basis ||A|| sqrt(1 + restarts)``.
+        """Modelled rounding of the relation itself: ``u_basis ||A|| sqrt(1 + restarts)``.
 
         Each stored row is rounded to the basis dtype (``<= u_basis`` relative) and each
         restart adds the rounding of ``eigh`` and of the rotated rows; independent
         errors in random directions, so they add up like a random walk.
         """
-        return 2 * self.u_basis * anorm * math.sqrt(1 + self.restarts)
+        return self.u_basis * anorm * math.sqrt(1 + self.restarts)
 
     def rounding(self, n: int, u_op: float, anorm: Tensor, systematic: float) -> Tensor:
         """Products' rounding from the skew samples (see :mod:`estimators._precision`), on the device."""

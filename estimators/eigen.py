@@ -1,17 +1,18 @@
 """Extreme eigenpairs of a symmetric operator: restarted Lanczos and power iteration.
 
-:func:`top_eigenvalues` is a thick-restart Lanczos method written in Rayleigh-Ritz
-form.  It keeps an orthonormal basis ``V`` (``[n, m]``) together with its products
-``W = A V`` (so residuals are recomputed exactly, never inferred from a recurrence),
-and grows ``V`` by the residual of the wanted Ritz vectors.  From one start vector the
-residuals of all Ritz vectors are parallel to the next Lanczos vector, so this *is*
-Lanczos (with full reorthogonalization: each new vector is orthogonalized twice
-against ``V``).  When ``m`` reaches ``max_basis`` the method restarts from the best
-``keep`` Ritz vectors and their products (no product is repeated), which is the
-Krylov-Schur / thick restart of Stewart and Wu-Simon: memory stays at ``2 max_basis``
-vectors.  A warm start ``v0`` (the previous eigenvectors, say) gives a Krylov
-sequence from a start vector made of the previous eigenvectors, so a good warm start converges in a
-few products.
+:func:`top_eigenvalues` is thick-restart Lanczos in Krylov-Schur form
+(:mod:`estimators._krylov`).  It keeps an orthonormal basis ``V`` (``[m, n]``, rows)
+and the relation ``A V = V F + G C^T`` (``F`` the computed projections, ``G`` the
+residual block), so the residual of every Ritz pair is known exactly from ``O(m^2)``
+numbers without a second copy ``A V`` and without forming residual vectors.  Each step
+multiplies the residual block (from one start vector: the next Lanczos vector),
+orthogonalizes the product by the local recurrence and one classical Gram-Schmidt pass
+over ``V`` (a second pass only when the DGKS test asks for it).  When ``m`` reaches
+``max_basis`` the method restarts from the best ``keep`` Ritz vectors by one
+``[keep, m] x [m, n]`` product (no product is repeated): the Krylov-Schur / thick
+restart of Stewart and Wu-Simon, memory ``max_basis`` vectors.  A warm start ``v0`` (the
+previous eigenvectors, say) gives a Krylov sequence from a start vector made of the
+previous eigenvectors, so a good warm start converges in a few products.
 
 Repeated eigenvalues: a single-vector Krylov space holds one vector per eigenspace, so
 a ``p``-fold eigenvalue can be reported fewer than ``p`` times.  ``block_size = b``
@@ -19,15 +20,20 @@ starts from ``b`` random columns (multiplicities up to ``b`` at no extra cost), 
 ``verify=True`` checks the deflated operator after convergence (about 1.8x the products
 on the spectra of ``tests/spectra.py``, hence off by default).
 
-For float32/float16/bfloat16 operators the bookkeeping (basis, projected matrix, Ritz
-vectors) is done in float64: it costs ``O(n m)`` per step, far less than a product, and
-keeps the Ritz values at the accuracy of the products (``~1e-8`` relative on a float32
-MLP Hessian) instead of losing ``~1e-6`` to long float32 dot products.
+For float32/float16/bfloat16 operators the small matrices and the residual block are
+float64, and so is the basis by default: it keeps the Ritz values at the accuracy of the
+products (``~1e-8`` relative on a float32 MLP Hessian) instead of losing ``~1e-6`` to
+long float32 dot products.  ``basis_dtype=torch.float32`` stores the basis in float32
+(half the memory and the memory traffic of the Gram-Schmidt passes): the coefficients
+the rounding measurement reads are still accumulated in float64, and the rounding of the
+stored vectors, modelled as ``u_32 ||A|| sqrt(1 + restarts)``, is added to ``e`` below
+(so to the convergence test and the error bounds).
 
 Convergence test (exact residuals, rounding accounted for).  With ``anorm`` the largest
 ``|Ritz value|`` seen (a lower bound on ``||A||_2``), ``eps`` the operator dtype's machine
 epsilon, ``u = eps / 2`` and ``e`` the rounding of one product, measured from the
-asymmetry of the stored projected matrix ``V^T A V`` (:mod:`estimators._precision`), Ritz pair ``(theta_i, x_i)`` is
+asymmetry of the computed projections ``F`` (:mod:`estimators._precision`; plus the
+basis rounding above), Ritz pair ``(theta_i, x_i)`` is
 converged when
 
     ||A x_i - theta_i x_i||_2 + e <= tol * max(|theta_i|, eps^(2/3) * anorm),
@@ -233,7 +239,7 @@ def top_eigenvalues(
         seed, generator: randomness for the default start vector (and for the rare
             random directions after an invariant subspace).
         max_basis: largest basis kept (default ``min(n, max(40, 3k + 10))``); memory is
-            ``2 max_basis`` vectors of size ``n``.
+            ``max_basis`` vectors of size ``n`` (in ``basis_dtype``).
         block_size: vectors added per step (one block product ``op @ [n, b]``);
             ``1`` is plain Lanczos and the fewest products, larger blocks help when a
             block product costs less than ``b`` single ones (GPUs, vmap).
@@ -245,6 +251,13 @@ def top_eigenvalues(
             for eigenvalues alone, but the gap comes from Ritz values: an eigenvalue the
             Krylov space has not found yet can make the bound optimistic (eigenvectors
             are then accurate only to about ``r_i / gap_i``).
+        basis_dtype: dtype of the stored basis: ``None`` (default: float64 for operators in
+            float32 or below, else the operator's) or ``torch.float32``/``torch.float64``.
+            ``torch.float32`` halves the basis memory (``max_basis * n * 4`` bytes) and the
+            bookkeeping's memory traffic; its rounding (``u_32 ||A||`` per restart, see the
+            module docstring) is added to the convergence test and to ``error_bounds``,
+            so tolerances below about ``1e-6 ||A|| / |theta|`` are out of reach, and the
+            eigenvectors are orthonormal to about ``1e-7``.
         verify: look for missed copies of repeated eigenvalues.  A single-vector
             Krylov space holds one vector per eigenspace (copies appear only through
             rounding), so a ``p``-fold eigenvalue can be reported fewer than ``p`` times
@@ -265,7 +278,7 @@ def top_eigenvalues(
 
     Raises:
         ValueError: non-square / non-symmetric operator, ``k`` outside ``[1, n]``,
-            unknown ``which``, bad ``v0``.
+            unknown ``which``, bad ``v0`` or ``basis_dtype``.
         FloatingPointError: the operator produced NaN/inf.
     """
     n = check_square(op, "top_eigenvalues", symmetric=True)
@@ -399,9 +412,11 @@ def top_eigenvalues(
         unattainable = bool(((conv_thr < floor) & ~conv).any()) and op.num_matvecs - before < budget
         rel, frel = rounding / max(anorm, 1e-300), floor / max(anorm, 1e-300)
         need = (frel + rel) / max(float(th.abs().min()) / max(anorm, 1e-300), eps23)
-        why = (f": tol={tol:g} is below the attainable accuracy of {dtype} products (residuals stop "
-               f"falling at the rounding floor {frel:.1e} ||A||, the products' rounding is measured "
-               f"at {rel:.1e} ||A||); use a float64 operator or tol >= {need:.1e}"
+        of = f"{dtype} products" + (f" and a {bdtype} basis" if bdtype != wdtype else "")
+        fix = "a float64 operator" + (" and basis_dtype=None" if bdtype != wdtype else "")
+        why = (f": tol={tol:g} is below the attainable accuracy of {of} (residuals stop "
+               f"falling at the rounding floor {frel:.1e} ||A||, the rounding is measured "
+               f"at {rel:.1e} ||A||); use {fix} or tol >= {need:.1e}"
                if unattainable else f" within max_matvecs={budget}")
         warnings.warn(
             f"top_eigenvalues: {int(conv.sum())} of {k} eigenpairs converged to tol={tol:g}"
