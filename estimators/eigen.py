@@ -1,17 +1,18 @@
 """Extreme eigenpairs of a symmetric operator: restarted Lanczos and power iteration.
 
-:func:`top_eigenvalues` is a thick-restart Lanczos method written in Rayleigh-Ritz
-form.  It keeps an orthonormal basis ``V`` (``[n, m]``) together with its products
-``W = A V`` (so residuals are recomputed exactly, never inferred from a recurrence),
-and grows ``V`` by the residual of the wanted Ritz vectors.  From one start vector the
-residuals of all Ritz vectors are parallel to the next Lanczos vector, so this *is*
-Lanczos (with full reorthogonalization: each new vector is orthogonalized twice
-against ``V``).  When ``m`` reaches ``max_basis`` the method restarts from the best
-``keep`` Ritz vectors and their products (no product is repeated), which is the
-Krylov-Schur / thick restart of Stewart and Wu-Simon: memory stays at ``2 max_basis``
-vectors.  A warm start ``v0`` (the previous eigenvectors, say) gives a Krylov
-sequence from a start vector made of the previous eigenvectors, so a good warm start converges in a
-few products.
+:func:`top_eigenvalues` is thick-restart Lanczos in Krylov-Schur form
+(:mod:`estimators._krylov`).  It keeps an orthonormal basis ``V`` (``[m, n]``, rows)
+and the relation ``A V = V F + G C^T`` (``F`` the computed projections, ``G`` the
+residual block), so the residual of every Ritz pair is known exactly from ``O(m^2)``
+numbers without a second copy ``A V`` and without forming residual vectors.  Each step
+multiplies the residual block (from one start vector: the next Lanczos vector),
+orthogonalizes the product by the local recurrence and one classical Gram-Schmidt pass
+over ``V`` (a second pass only when the DGKS test asks for it).  When ``m`` reaches
+``max_basis`` the method restarts from the best ``keep`` Ritz vectors by one
+``[keep, m] x [m, n]`` product (no product is repeated): the Krylov-Schur / thick
+restart of Stewart and Wu-Simon, memory ``max_basis`` vectors.  A warm start ``v0`` (the
+previous eigenvectors, say) gives a Krylov sequence from a start vector made of the
+previous eigenvectors, so a good warm start converges in a few products.
 
 Repeated eigenvalues: a single-vector Krylov space holds one vector per eigenspace, so
 a ``p``-fold eigenvalue can be reported fewer than ``p`` times.  ``block_size = b``
@@ -19,15 +20,20 @@ starts from ``b`` random columns (multiplicities up to ``b`` at no extra cost), 
 ``verify=True`` checks the deflated operator after convergence (about 1.8x the products
 on the spectra of ``tests/spectra.py``, hence off by default).
 
-For float32/float16/bfloat16 operators the bookkeeping (basis, projected matrix, Ritz
-vectors) is done in float64: it costs ``O(n m)`` per step, far less than a product, and
-keeps the Ritz values at the accuracy of the products (``~1e-8`` relative on a float32
-MLP Hessian) instead of losing ``~1e-6`` to long float32 dot products.
+For float32/float16/bfloat16 operators the small matrices and the residual block are
+float64, and so is the basis by default: it keeps the Ritz values at the accuracy of the
+products (``~1e-8`` relative on a float32 MLP Hessian) instead of losing ``~1e-6`` to
+long float32 dot products.  ``basis_dtype=torch.float32`` stores the basis in float32
+(half the memory and the memory traffic of the Gram-Schmidt passes): the coefficients
+the rounding measurement reads are still accumulated in float64, and the rounding of the
+stored vectors, modelled as ``u_32 ||A|| sqrt(1 + restarts)``, is added to ``e`` below
+(so to the convergence test and the error bounds).
 
 Convergence test (exact residuals, rounding accounted for).  With ``anorm`` the largest
 ``|Ritz value|`` seen (a lower bound on ``||A||_2``), ``eps`` the operator dtype's machine
 epsilon, ``u = eps / 2`` and ``e`` the rounding of one product, measured from the
-asymmetry of the stored projected matrix ``V^T A V`` (:mod:`estimators._precision`), Ritz pair ``(theta_i, x_i)`` is
+asymmetry of the computed projections ``F`` (:mod:`estimators._precision`; plus the
+basis rounding above), Ritz pair ``(theta_i, x_i)`` is
 converged when
 
     ||A x_i - theta_i x_i||_2 + e <= tol * max(|theta_i|, eps^(2/3) * anorm),
@@ -57,7 +63,9 @@ from torch import Tensor
 
 from curvature import ConvergenceWarning, LinearOperator
 
-from ._precision import default_tolerance, measured_rounding, product_rounding, unit_roundoff, working_dtype
+from ._krylov import BASIS_DTYPES, KrylovSchur
+from ._precision import (SYSTEMATIC_ROUNDINGS, default_tolerance, product_rounding, unit_roundoff,
+                         working_dtype)
 from ._probes import check_square, make_generator
 from ._validate import check_int, check_tolerance
 from .lanczos import eigh_small as _eigh_small
@@ -77,49 +85,17 @@ def _order(theta: Tensor, which: str) -> Tensor:
     return torch.argsort(theta.abs(), descending=True)
 
 
-def _orthonormalize_against(Vt: Tensor, D: Tensor, drop: float) -> Tensor:
-    """Columns of ``D`` made orthonormal to the rows of ``Vt`` (``[m, n]``) and to each other.
-
-    Classical Gram-Schmidt with the DGKS test: a second pass only when the first one
-    removed more than ~30% of the norm (residual directions are orthogonal to ``V`` up
-    to rounding, so one pass usually suffices; each pass reads all of ``V``).  A column
-    whose norm falls below ``drop`` times its original norm is dropped (it lay in the
-    span already).
-    """
-    out = []
-    for j in range(D.shape[1]):
-        d = D[:, j]
-        n0 = d.norm()
-        if not n0 > 0:
-            continue
-        prev = n0
-        for _ in range(3):
-            if Vt.shape[0]:
-                d = d - Vt.T @ (Vt @ d)
-            for u in out:
-                d = d - u * (u @ d)
-            nd = d.norm()
-            if nd > 0.7 * prev:
-                break
-            prev = nd
-        nd = d.norm()
-        if nd > drop * n0:
-            out.append(d / nd)
-    if not out:
-        return D.new_zeros(D.shape[0], 0)
-    return out[0].unsqueeze(1) if len(out) == 1 else torch.stack(out, dim=1)
-
-
 def _gaps(th: Tensor, theta_all: Tensor, anorm: float) -> Tensor:
     """Distance from each ``th[i]`` to the nearest other value of ``theta_all`` (``anorm`` if none)."""
     d = (theta_all[None, :] - th[:, None]).abs()
     d = torch.where(d > 0, d, torch.full_like(d, float("inf")))
     g = d.min(dim=1).values
-    return torch.where(torch.isfinite(g), g, torch.full_like(g, anorm))
+    return torch.where(torch.isfinite(g), g, torch.as_tensor(anorm, dtype=g.dtype, device=g.device))
 
 
-def _thresholds(th: Tensor, theta_all: Tensor, tol: float, eps: float, anorm: float, rounding: float,
-                floor: float, criterion: str, res: Tensor | None) -> tuple[Tensor, Tensor]:
+def _thresholds(th: Tensor, theta_all: Tensor, tol: float, eps: float, anorm: float | Tensor,
+                rounding: float | Tensor, floor: float | Tensor, criterion: str,
+                res: Tensor | None) -> tuple[Tensor, Tensor]:
     """``(converge, stop)``: residual thresholds of convergence and of stopping per wanted pair.
 
     ``converge`` makes the bound on the true operator (stored residual plus the products'
@@ -128,6 +104,7 @@ def _thresholds(th: Tensor, theta_all: Tensor, tol: float, eps: float, anorm: fl
     the rounding ``floor`` when ``floor + rounding <= tol * anorm``.  ``stop`` is ``max(converge, floor)``: below the rounding floor further
     products do not lower the residual.
     """
+    anorm, rounding, floor = (torch.as_tensor(x, dtype=th.dtype, device=th.device) for x in (anorm, rounding, floor))
     thr = tol * torch.clamp(th.abs(), min=eps ** (2.0 / 3.0) * anorm)
     if criterion == "eigenvalue":
         gaps = _gaps(th, theta_all, anorm)
@@ -135,11 +112,12 @@ def _thresholds(th: Tensor, theta_all: Tensor, tol: float, eps: float, anorm: fl
             gaps = gaps - res
         thr = torch.maximum(thr, ((thr - rounding).clamp(min=0) * gaps.clamp(min=0)).sqrt())
     conv = thr - rounding
-    if floor + rounding <= tol * anorm:
-        # numerically zero eigenvalues (|theta| < eps^(2/3) anorm): a residual at the
-        # rounding floor is the best any precision gives, and it meets tol relative to ||A||
-        conv = torch.where(th.abs() < eps ** (2.0 / 3.0) * anorm, conv.clamp(min=floor), conv)
-    return conv, conv.clamp(min=floor)
+    # numerically zero eigenvalues (|theta| < eps^(2/3) anorm): a residual at the rounding
+    # floor is the best any precision gives, and it meets tol relative to ||A|| when
+    # floor + rounding <= tol * anorm
+    zero = (th.abs() < eps ** (2.0 / 3.0) * anorm) & (floor + rounding <= tol * anorm)
+    conv = torch.where(zero, torch.clamp(conv, min=floor), conv)
+    return conv, torch.clamp(conv, min=floor)
 
 
 def _error_bounds(theta_sel: Tensor, theta_all: Tensor, res: Tensor, rounding: float = 0.0) -> Tensor:
@@ -237,6 +215,7 @@ def top_eigenvalues(
     block_size: int = 1,
     criterion: str = "residual",
     verify: bool = False,
+    basis_dtype: torch.dtype | None = None,
 ) -> EigenResult:
     """The ``k`` extreme eigenpairs of a symmetric operator by thick-restart Lanczos.
 
@@ -260,7 +239,7 @@ def top_eigenvalues(
         seed, generator: randomness for the default start vector (and for the rare
             random directions after an invariant subspace).
         max_basis: largest basis kept (default ``min(n, max(40, 3k + 10))``); memory is
-            ``2 max_basis`` vectors of size ``n``.
+            ``max_basis`` vectors of size ``n`` (in ``basis_dtype``).
         block_size: vectors added per step (one block product ``op @ [n, b]``);
             ``1`` is plain Lanczos and the fewest products, larger blocks help when a
             block product costs less than ``b`` single ones (GPUs, vmap).
@@ -272,6 +251,13 @@ def top_eigenvalues(
             for eigenvalues alone, but the gap comes from Ritz values: an eigenvalue the
             Krylov space has not found yet can make the bound optimistic (eigenvectors
             are then accurate only to about ``r_i / gap_i``).
+        basis_dtype: dtype of the stored basis: ``None`` (default: float64 for operators in
+            float32 or below, else the operator's) or ``torch.float32``/``torch.float64``.
+            ``torch.float32`` halves the basis memory (``max_basis * n * 4`` bytes) and the
+            bookkeeping's memory traffic; its rounding (``u_32 ||A||`` per restart, see the
+            module docstring) is added to the convergence test and to ``error_bounds``,
+            so tolerances below about ``1e-6 ||A|| / |theta|`` are out of reach, and the
+            eigenvectors are orthonormal to about ``1e-7``.
         verify: look for missed copies of repeated eigenvalues.  A single-vector
             Krylov space holds one vector per eigenspace (copies appear only through
             rounding), so a ``p``-fold eigenvalue can be reported fewer than ``p`` times
@@ -292,7 +278,7 @@ def top_eigenvalues(
 
     Raises:
         ValueError: non-square / non-symmetric operator, ``k`` outside ``[1, n]``,
-            unknown ``which``, bad ``v0``.
+            unknown ``which``, bad ``v0`` or ``basis_dtype``.
         FloatingPointError: the operator produced NaN/inf.
     """
     n = check_square(op, "top_eigenvalues", symmetric=True)
@@ -311,19 +297,26 @@ def top_eigenvalues(
     budget = max(1000, 20 * mb) if max_matvecs is None else check_int(max_matvecs, "max_matvecs")
     gen, seed_used = make_generator(seed, generator, op.device)
     dtype, device = op.dtype, op.device
-    # Krylov bookkeeping (basis, projections, Ritz vectors) in float64 for lower-precision
-    # operators: O(n m) per step, cheap next to a product, and it keeps the Rayleigh-Ritz
-    # values from losing ~sqrt(n) eps_32 to long float32 dot products.  Floors below use
-    # the operator's epsilon (the products' rounding).
+    # the small dense algebra (projected matrix, Ritz vectors, residual block) in float64
+    # for lower-precision operators; the basis in basis_dtype (float64 by default: it keeps
+    # the Rayleigh-Ritz values at the accuracy of the products).  Floors below use the
+    # operator's epsilon (the products' rounding).
     wdtype = working_dtype(dtype, small=True)
+    if basis_dtype is None:
+        bdtype = wdtype
+    elif basis_dtype in BASIS_DTYPES:
+        bdtype = basis_dtype
+    else:
+        raise ValueError(f"basis_dtype must be torch.float32, torch.float64 or None (float64 below a float64 "
+                         f"operator's precision), got {basis_dtype!r}.")
     eps = torch.finfo(dtype).eps
     eps23 = eps ** (2.0 / 3.0)
     # the residual floor the products' rounding allows (relative to anorm; the rounding
-    # itself is measured from the skew part of F = V^T W at each step)
+    # itself is measured from the skew part of the coefficients F at each step)
     floor_rel = 10 * unit_roundoff(dtype)
     before = op.num_matvecs
 
-    # ---- start basis
+    # ---- start block
     if v0 is None:
         # a block of b random columns: a block Krylov space holds up to b vectors
         # of each eigenspace, so multiplicities up to block_size are found
@@ -346,140 +339,72 @@ def top_eigenvalues(
             D = torch.cat([D, R], dim=1)
         D = D[:, : max(1, mb - b)]
         seed_used = seed_used if generator is None and seed is not None else None
-    # basis and products stored as rows ([mb, n]) so that the first m are contiguous
-    # V and W interleaved ([mb, 2, n]): row i of V and of W are adjacent, so the new
-    # rows (v, w) form one [2j, n] block for the Gram products without a concatenation
-    VW = torch.empty(mb, 2, n, device=device, dtype=wdtype)
-    Vt, Wt = VW[:, 0], VW[:, 1]
-    H = torch.zeros(mb, mb, device=device, dtype=wdtype)
-    G = torch.zeros(mb, mb, device=device, dtype=wdtype)
-    F = torch.zeros(mb, mb, device=device, dtype=wdtype)  # V^T W, unsymmetrized
-    m = 0
-    anorm = 0.0
-    restarts = 0
-    eps_w = torch.finfo(wdtype).eps
-    drop = math.sqrt(eps_w)
-
-    def append(D: Tensor) -> int:
-        nonlocal m
-        D = _orthonormalize_against(Vt[:m], D, drop)
-        if D.shape[1] == 0:
-            return 0
-        j = D.shape[1]
-        WD = op.matmat(D.to(dtype)).to(wdtype)
-        for i in range(j):  # row-wise 1-D copies: a [1, n] <- [n, 1]^T copy is ~20x slower
-            Vt[m + i].copy_(D[:, i])
-            Wt[m + i].copy_(WD[:, i])
-        hc = Vt[: m + j] @ WD
-        # one pass over W gives both W^T W_new and W^T D (the row block of V^T W)
-        gd = Wt[: m + j] @ VW[m:m + j].reshape(2 * j, n).T  # columns v_m, w_m, v_m+1, ...
-        gc = gd[:, 1::2]
-        F[: m + j, m:m + j] = hc
-        F[m:m + j, :m] = gd[:m, 0::2].T
-        H[: m + j, m:m + j] = hc
-        H[m:m + j, : m + j] = hc.T
-        G[: m + j, m:m + j] = gc
-        G[m:m + j, : m + j] = gc.T
-        H[m:m + j, m:m + j] = 0.5 * (hc[m:] + hc[m:].T)
-        m += j
-        return j
-
-    if append(D) == 0:
+    ks = KrylovSchur(op, mb, bdtype, wdtype)
+    drop = math.sqrt(torch.finfo(wdtype).eps)
+    if ks.append_fresh(D.T, drop) == 0:
         raise ValueError("v0 is zero (or numerically rank zero).")
+    anorm_t = torch.zeros((), device=device, dtype=wdtype)
+    u_op = unit_roundoff(dtype)
+    restarts = 0
+
+    def state(m: int):
+        """Ritz pairs of H[:m, :m], the wanted ones, their residual bounds and the thresholds (on the device)."""
+        nonlocal anorm_t
+        theta, Y = _eigh_small(ks.H[:m, :m])
+        order = _order(theta, which)
+        anorm_t = torch.maximum(anorm_t, theta.abs().max())
+        sel = order[: min(k, m)]
+        th, Ys = theta[sel], Y[:, sel]
+        res = ks.residual_norms(Ys)
+        # the products' rounding (measured) plus the bookkeeping's (modelled; u_64 ||A||
+        # for the default float64 basis)
+        rounding = ks.rounding(n, u_op, anorm_t, SYSTEMATIC_ROUNDINGS) + ks.basis_rounding(anorm_t)
+        floor = torch.maximum(2 * rounding, floor_rel * anorm_t)
+        conv_thr, stop_thr = _thresholds(th, theta, tol, eps, anorm_t, rounding, floor, criterion, res)
+        return theta, Y, order, th, Ys, res, rounding, floor, conv_thr, stop_thr
 
     while True:
-        Hm = H[:m, :m]
-        theta, Y = _eigh_small(Hm)
-        order = _order(theta, which)
-        anorm = max(anorm, float(theta.abs().max()))
-        kk = min(k, m)
-        sel = order[:kk]
-        th, Ys = theta[sel], Y[:, sel]
-        rounding = measured_rounding(F[:m, :m], n, dtype, anorm)
-        floor = max(2 * rounding, floor_rel * anorm)
-        conv_thr, stop_thr = _thresholds(th, theta, tol, eps, anorm, rounding, floor, criterion, None)
-        # residual norms from the Gram matrix G = W^T W; the exact residuals
-        # W y - theta V y read all of V and W, so they are formed only where needed
-        # ||W y - theta V y||^2 = y^T G y - 2 theta y^T F y + theta^2 (V orthonormal, y
-        # unit) holds for the stored products even when they are not exactly symmetric
-        # (F = V^T W both triangles); its float64 cancellation makes est uncertain by
-        # ~sqrt(m eps_64) anorm, below which the exact residual decides
-        est = ((Ys * (G[:m, :m] @ Ys)).sum(0) - 2 * th * (Ys * (F[:m, :m] @ Ys)).sum(0)
-               + th**2).clamp(min=0).sqrt()
-        near = est <= 10 * stop_thr + 10 * math.sqrt(m * eps_w) * anorm
-        res = est.clone()
-        if m == n:
-            near[:] = True
-        # exact residuals only once every wanted pair is near: stopping needs all of them,
-        # and before that est only picks which residuals extend the basis (two passes
-        # over V and W saved per step)
-        if bool(near.all()):
-            Yn = Ys[:, near]  # row form: a [k, m] x [m, n] product streams V and W once
-            res[near] = torch.addmm(Yn.T @ Wt[:m], (Yn * th[near]).T, Vt[:m], alpha=-1).norm(dim=1)
-        conv_thr, stop_thr = _thresholds(th, theta, tol, eps, anorm, rounding, floor, criterion, res)
+        m = ks.m
+        theta, Y, order, th, Ys, res, rounding, floor, conv_thr, stop_thr = state(m)
         # pairs done (converged, or at the rounding floor); at m == n Rayleigh-Ritz is exact
         conv = res <= stop_thr
+        tiny = 100 * torch.finfo(wdtype).eps * anorm_t
+        all_conv, breakdown = torch.stack([conv.all(), ks.residual_breakdown(tiny)]).tolist()  # one host read
         spent = op.num_matvecs - before
-        if (m >= k and bool(conv.all())) or m == n or spent >= budget:
+        if (m >= k and all_conv) or m == n or spent >= budget:
             break
-        # ---- restart: keep the most wanted Ritz vectors and their products
-        if m + b > mb:
+        # ---- restart: keep the most wanted Ritz vectors (the relation carries them exactly)
+        if m + ks.G.shape[0] > mb or (breakdown and m + b > mb):
             keep = min(mb - b, max(k, k + (mb - k) // 2))
-            idx = order[:keep]
-            Yk = Y[:, idx]
-            Vt[:keep] = Yk.T @ Vt[:m]
-            Wt[:keep] = Yk.T @ Wt[:m]
-            G[:keep, :keep] = Yk.T @ G[:m, :m] @ Yk
-            F[:keep, :keep] = Yk.T @ F[:m, :m] @ Yk
-            Hk = Yk.T @ Hm @ Yk
-            H.zero_()
-            H[:keep, :keep] = 0.5 * (Hk + Hk.T)
-            m = keep
+            ks.restart(Y[:, order[:keep]])
             restarts += 1
-            # the wanted vectors are columns 0..kk-1 of the new basis
-            unconv = torch.nonzero(~conv).flatten()
-            Ysel = torch.eye(keep, device=device, dtype=wdtype)[:, unconv]
-            th_u = theta[idx][unconv]
-        else:
-            unconv = torch.nonzero(~conv).flatten()
-            if m < k and unconv.numel() == 0:
-                unconv = torch.arange(kk, device=device)
-            Ysel = Ys[:, unconv]
-            th_u = th[unconv]
-        if b == 1:
-            g = torch.randn(Ysel.shape[1], 1, generator=gen, device=device, dtype=dtype).to(wdtype)
-            D = Wt[:m].T @ (Ysel @ g) - Vt[:m].T @ (Ysel @ (th_u[:, None] * g))
-        else:
-            Yb, tb = Ysel[:, :b], th_u[:b]
-            D = (Yb.T @ Wt[:m] - (Yb * tb).T @ Vt[:m]).T
         budget_left = budget - (op.num_matvecs - before)
-        D = D[:, : max(1, min(D.shape[1], budget_left, mb - m))]
-        if append(D) == 0:
-            # invariant subspace: continue with a random direction
-            if m >= n:
+        if not breakdown and ks.G.shape[0] > budget_left:
+            break  # the next block does not fit in the budget
+        if breakdown or ks.advance(drop, tiny) == 0:
+            # invariant subspace: continue with random directions
+            if ks.m >= n:
                 break
-            R0 = torch.randn(n, max(1, min(b, mb - m)), generator=gen, device=device, dtype=dtype).to(wdtype)
-            if append(R0) == 0:
+            R0 = torch.randn(max(1, min(b, mb - ks.m, budget_left)), n, generator=gen, device=device, dtype=dtype)
+            if ks.append_fresh(R0.to(wdtype), drop) == 0:
                 break
 
-    # ---- final Ritz pairs (exact residuals)
-    theta, Y = _eigh_small(H[:m, :m])
-    order = _order(theta, which)
-    kk = min(k, m)
-    sel = order[:kk]
-    th, Ys = theta[sel], Y[:, sel]
-    Xt = Ys.T @ Vt[:m]
-    res = torch.addcmul(Ys.T @ Wt[:m], th[:, None], Xt, value=-1).norm(dim=1)
+    # ---- final Ritz pairs (residuals from the relation)
+    m = ks.m
+    theta, Y, order, th, Ys, res, rounding, floor, conv_thr, stop_thr = state(m)
+    kk = th.shape[0]
+    Xt = ks.vectors(Ys)
+    nx = Xt.norm(dim=1)
+    Xt, res = Xt / nx[:, None], res / nx
     X = Xt.T
-    rounding = measured_rounding(F[:m, :m], n, dtype, anorm)
-    floor = max(2 * rounding, floor_rel * anorm)
+    anorm, rounding, floor = float(anorm_t), float(rounding), float(floor)
     conv_thr, stop_thr = _thresholds(th, theta, tol, eps, anorm, rounding, floor, criterion, res)
     # an exactly zero residual with zero rounding (e.g. the zero operator) is exact
     exact = (res == 0) & (rounding == 0)
     conv = ((conv_thr > 0) & (res <= (torch.maximum(conv_thr, stop_thr) if m == n else conv_thr))) | exact
     if verify and kk == k and k < n and bool(conv.all()):
         th, X, res, theta = _verify_multiplicities(
-            op, which, th, X, (Ys.T @ Wt[:m]).T, theta, tol=tol, criterion=criterion,
+            op, which, th, X, (ks.products(Ys) / nx[:, None]).T, theta, tol=tol, criterion=criterion,
             budget=budget - (op.num_matvecs - before), gen=gen, max_basis=max_basis)
         conv_thr, _ = _thresholds(th, theta, tol, eps, anorm, rounding, floor, criterion, res)
         conv = ((conv_thr > 0) & (res <= conv_thr)) | ((res == 0) & (rounding == 0))
@@ -487,9 +412,11 @@ def top_eigenvalues(
         unattainable = bool(((conv_thr < floor) & ~conv).any()) and op.num_matvecs - before < budget
         rel, frel = rounding / max(anorm, 1e-300), floor / max(anorm, 1e-300)
         need = (frel + rel) / max(float(th.abs().min()) / max(anorm, 1e-300), eps23)
-        why = (f": tol={tol:g} is below the attainable accuracy of {dtype} products (residuals stop "
-               f"falling at the rounding floor {frel:.1e} ||A||, the products' rounding is measured "
-               f"at {rel:.1e} ||A||); use a float64 operator or tol >= {need:.1e}"
+        of = f"{dtype} products" + (f" and a {bdtype} basis" if bdtype != wdtype else "")
+        fix = "a float64 operator" + (" and basis_dtype=None" if bdtype != wdtype else "")
+        why = (f": tol={tol:g} is below the attainable accuracy of {of} (residuals stop "
+               f"falling at the rounding floor {frel:.1e} ||A||, the rounding is measured "
+               f"at {rel:.1e} ||A||); use {fix} or tol >= {need:.1e}"
                if unattainable else f" within max_matvecs={budget}")
         warnings.warn(
             f"top_eigenvalues: {int(conv.sum())} of {k} eigenpairs converged to tol={tol:g}"

@@ -81,8 +81,9 @@ class EigenResult:
         eigenvalues: ``[k]`` Ritz values, ordered as requested (``"LA"``/``"LM"``:
             descending by value / magnitude; ``"SA"``: ascending).
         eigenvectors: ``[n, k]`` orthonormal Ritz vectors.
-        residuals: ``[k]`` residual norms ``||A x_i - theta_i x_i||_2`` (recomputed from
-            stored products, not estimated).
+        residuals: ``[k]`` residual norms ``||A x_i - theta_i x_i||_2`` of the stored
+            products (for ``top_eigenvalues``: from its Krylov-Schur relation, exact up
+            to the bookkeeping's rounding; not estimated).
         error_bounds: ``[k]`` bounds on ``|theta_i - lambda|`` for the nearest true
             eigenvalue: ``min(r_i, r_i^2 / gap_i)`` with ``gap_i`` the distance to the
             other Ritz values (Kato-Temple / Saad; approximate as the gap uses Ritz values).

@@ -248,3 +248,44 @@ def test_bad_input():
         top_eigenvalues(nan_op)
     with pytest.raises(TypeError, match="torch.Generator"):
         top_eigenvalues(sym, 1, generator="x")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("max_basis", [12, None])
+def test_float32_basis_against_eigvalsh(max_basis):
+    # float64 operator, float32 basis: the Ritz pairs meet tol against the true operator,
+    # the reported residuals are those of the returned vectors, and the error bounds
+    # (which carry the basis rounding) contain the eigvalsh eigenvalues
+    g = _gen(2)
+    lam = torch.cat([torch.tensor([40.0, 25, 18, 14, 11, 9], dtype=torch.float64),
+                     3 * torch.rand(994, generator=g, dtype=torch.float64) ** 4])
+    op, _ = operator_with_spectrum(lam, seed=4)
+    A = op.matrix
+    truth = torch.linalg.eigvalsh(A).flip(0)[:5]
+    tol = 1e-5
+    res = top_eigenvalues(op, 5, tol=tol, seed=0, basis_dtype=torch.float32, max_basis=max_basis)
+    full = top_eigenvalues(op, 5, tol=tol, seed=0, max_basis=max_basis)
+    assert res.all_converged and res.eigenvalues.dtype == torch.float64
+    assert (res.num_restarts > 0) == (max_basis == 12)
+    lam_r, X = res.eigenvalues, res.eigenvectors
+    true_res = (A @ X - X * lam_r).norm(dim=0)
+    assert (true_res <= tol * lam_r.abs()).all()
+    u32 = torch.finfo(torch.float32).eps / 2
+    assert torch.allclose(true_res, res.residuals, rtol=0.05, atol=10 * u32 * 40.0)
+    err = (lam_r - truth).abs()
+    assert (err <= res.error_bounds).all() and (res.error_bounds <= tol * truth).all()
+    assert (res.error_bounds >= full.error_bounds).all()  # the basis rounding is in the bounds
+    assert (X.T @ X - torch.eye(5, dtype=X.dtype)).abs().max() < 1e-6
+    assert res.num_matvecs <= full.num_matvecs + 2
+    # float32 operator, float32 basis: the float32 tolerance is met as with the float64 basis
+    op32, _ = operator_with_spectrum(lam, seed=4, dtype=torch.float32)
+    r32 = top_eigenvalues(op32, 5, tol=1e-5, seed=0, basis_dtype=torch.float32, max_basis=max_basis)
+    assert r32.all_converged and r32.eigenvectors.dtype == torch.float32
+    assert ((r32.eigenvalues.double() - truth).abs() <= 1e-5 * truth).all()
+
+
+def test_basis_dtype_refused():
+    op, _ = operator_with_spectrum(torch.arange(6.0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="basis_dtype"):
+        top_eigenvalues(op, 1, basis_dtype=torch.float16)
+    with pytest.raises(ValueError, match="basis_dtype"):
+        top_eigenvalues(op, 1, basis_dtype="float32")  # type: ignore[arg-type]
