@@ -38,7 +38,10 @@ from pathlib import Path
 
 import torch
 
-from solvers import factored_gd, matrix_completion_problem, matrix_sensing_problem, scaled_gd
+from solvers import (
+    factored_gd, matrix_completion_problem, matrix_sensing_family, matrix_sensing_problem, scaled_gd,
+    scaled_gd_lockstep,
+)
 
 KAPPAS = (1, 5, 10, 20)
 
@@ -57,30 +60,46 @@ SETTINGS = {
 
 def run_tong_figure2(setting: str, truth: str = "authors", problems=("sensing", "completion")) -> dict:
     """Sensing and/or completion panels; returns curves and ``table`` rows
-    ``(problem, kappa, scaledgd_its, gd_its, scaledgd_s, gd_s)`` (``None`` = not reached)."""
+    ``(problem, kappa, scaledgd_its, gd_its, scaledgd_s, gd_s)`` (``None`` = not reached;
+    sensing times are ``None``: its eight runs share one design and run in lockstep,
+    their common wall time is ``wall_s["sensing"]``)."""
     cfg = SETTINGS[setting]
     rfl = truth == "authors"
     tol, maxiter = cfg["tol"], cfg["maxiter"]
-    curves, table = {"sensing": {}, "completion": {}}, []
-    for name in problems:
+    curves, table, wall = {"sensing": {}, "completion": {}}, [], {}
+    if "sensing" in problems:
+        # the Gaussian design does not depend on kappa: draw it once (m x n^2 float64, 3.2 GB at
+        # the paper's n = 200) and advance ScaledGD and GD for every kappa together, so each
+        # iteration reads it twice for all eight runs (scaled_gd_lockstep)
+        c = cfg["sensing"]
+        t0 = time.perf_counter()
+        fam = matrix_sensing_family(c["n"], c["r"], KAPPAS, right_from_left=rfl, seed=0)
+        runs = [dict(problem=i, eta=0.5, maxiter=maxiter, tol=tol, preconditioned=pre)
+                for i in range(len(KAPPAS)) for pre in (True, False)]
+        res = scaled_gd_lockstep(fam, c["r"], runs)
+        wall["sensing"] = time.perf_counter() - t0
+        for i, kappa in enumerate(KAPPAS):
+            s, g = res[2 * i], res[2 * i + 1]
+            curves["sensing"][kappa] = (s.relative_errors, g.relative_errors)
+            table.append(("sensing", kappa, s.iterations_to(tol), g.iterations_to(tol), None, None))
+            print(f"sensing     kappa={kappa:3d}: ScaledGD {s.iterations_to(tol)} its, GD {g.iterations_to(tol)} its "
+                  f"(to {tol:g})", flush=True)
+        print(f"sensing: 8 runs in lockstep, {wall['sensing']:.0f} s", flush=True)
+        del fam, res
+    if "completion" in problems:
+        c = cfg["completion"]
         for kappa in KAPPAS:
-            if name == "sensing":
-                c = cfg["sensing"]
-                P = matrix_sensing_problem(c["n"], c["r"], kappa, right_from_left=rfl, seed=0)
-            else:
-                c = cfg["completion"]
-                P = matrix_completion_problem(c["n"], c["r"], kappa, p=c["p"], right_from_left=rfl, seed=0)
+            P = matrix_completion_problem(c["n"], c["r"], kappa, p=c["p"], right_from_left=rfl, seed=0)
             t0 = time.perf_counter()
             s = scaled_gd(P, c["r"], eta=0.5, maxiter=maxiter, tol=tol)
             t1 = time.perf_counter()
             g = factored_gd(P, c["r"], eta=0.5, maxiter=maxiter, tol=tol)
             t2 = time.perf_counter()
-            curves[name][kappa] = (s.relative_errors, g.relative_errors)
-            table.append((name, kappa, s.iterations_to(tol), g.iterations_to(tol), t1 - t0, t2 - t1))
-            print(f"{name:11s} kappa={kappa:3d}: ScaledGD {s.iterations_to(tol)} its, GD {g.iterations_to(tol)} its "
+            curves["completion"][kappa] = (s.relative_errors, g.relative_errors)
+            table.append(("completion", kappa, s.iterations_to(tol), g.iterations_to(tol), t1 - t0, t2 - t1))
+            print(f"completion  kappa={kappa:3d}: ScaledGD {s.iterations_to(tol)} its, GD {g.iterations_to(tol)} its "
                   f"(to {tol:g})", flush=True)
-            del P
-    return {"curves": curves, "table": table}
+    return {"curves": curves, "table": table, "wall_s": wall}
 
 
 def run_overparameterized(setting: str) -> dict:
@@ -101,6 +120,80 @@ def run_overparameterized(setting: str) -> dict:
         print(f"overparam.  kappa={kappa:3d}: ScaledGD(lambda) {rows[-1][1]} its (final {rows[-1][3]:.2e}), "
               f"GD {rows[-1][2]} its (final {rows[-1][4]:.2e}) to {c['tol']:g}", flush=True)
     return {"curves": curves, "rows": rows}
+
+
+#: the kappa = 100 stall study: measurement counts and damping factors lambda / sigma_min(M*)
+STALL = {
+    "fast": dict(n=20, r_star=2, r=3, kappa=100, ms=(300, 1200), lams=(1.0, 0.1), alpha=1e-12, eta=0.3,
+                 maxiter=600, tol=1e-8),
+    "paper": dict(n=100, r_star=3, r=5, kappa=100, ms=(3000, 6000, 12000), lams=(1.0, 0.1, 0.01), alpha=1e-12,
+                  eta=0.3, maxiter=1000, tol=1e-8),
+}
+
+
+def stall_diagnostics(problem, Y: torch.Tensor, r_star: int) -> dict:
+    """Where the error of ``X = Y Y^T`` lives, and how noisy the back-projection is.
+
+    Returns the eigenvalues of ``Y^T Y`` (descending; beyond ``r_star`` they are the
+    overparameterized directions, ``~alpha^2`` if those never grew), the relative error split
+    into the parts in / across / outside the range of ``M*`` (``P E P``, ``P E Q``, ``Q E Q``,
+    Frobenius, over ``||M*||_F``), and the spectral norm of the back-projection
+    ``A*(y) = A*A(M*)`` outside that range, next to ``sigma_min(M*)``: spurious directions grow
+    during the small-initialization phase as fast as the smallest signal direction when
+    ``||Q A*(y) Q|| >~ sigma_min`` (a RIP constant too large for ``kappa``)."""
+    M = problem.X_star
+    n = M.shape[0]
+    evals, evecs = torch.linalg.eigh(M)
+    U = evecs[:, -r_star:]
+    Pu = U @ U.T
+    Q = torch.eye(n, dtype=M.dtype, device=M.device) - Pu
+    E = Y @ Y.T - M
+    nm = float(torch.linalg.matrix_norm(M))
+    back = problem.spectral_matrix()
+    back = 0.5 * (back + back.T)
+    fro = lambda T: float(torch.linalg.matrix_norm(T)) / nm  # noqa: E731
+    return {"gram_eigenvalues": [float(v) for v in torch.linalg.eigvalsh(Y.T @ Y).flip(0)],
+            "error_in": fro(Pu @ E @ Pu), "error_cross": fro(Pu @ E @ Q), "error_out": fro(Q @ E @ Q),
+            "backprojection_out_norm": float(torch.linalg.matrix_norm(Q @ back @ Q, ord=2)),
+            "sigma_min": float(evals[-r_star])}
+
+
+def run_stall_study(setting: str) -> dict:
+    """ScaledGD(lambda) at kappa = 100 for each measurement count ``m`` and damping
+    ``lambda = c * sigma_min``: iterations to ``tol``, final error and :func:`stall_diagnostics`.
+    The runs of one ``m`` share its design and run in lockstep (one pair of products per
+    iteration for all dampings)."""
+    c = STALL[setting]
+    rows = []
+    for m in c["ms"]:
+        (P,) = matrix_sensing_family(c["n"], c["r_star"], (c["kappa"],), num_measurements=m, psd=True, seed=0)
+        sigma_min = 1.0 / c["kappa"]
+        t0 = time.perf_counter()
+        res = scaled_gd_lockstep([P], c["r"], [dict(problem=0, eta=c["eta"], damping=lam * sigma_min, init="random",
+                                                     init_scale=c["alpha"], maxiter=c["maxiter"], tol=c["tol"])
+                                                for lam in c["lams"]])
+        wall = time.perf_counter() - t0
+        for lam, r in zip(c["lams"], res):
+            d = stall_diagnostics(P, r.factors[0], c["r_star"])
+            rows.append(dict(m=m, lam=lam, iterations=r.iterations_to(c["tol"]), final_error=r.relative_errors[-1],
+                             errors=_short(r.relative_errors[::10]), **d))
+            print(f"stall study m={m:6d} lambda={lam:g} sigma_min: its {rows[-1]['iterations']}, final "
+                  f"{rows[-1]['final_error']:.2e}, extra Y^T Y eigenvalues "
+                  f"{', '.join(f'{v:.1e}' for v in d['gram_eigenvalues'][c['r_star']:])}, "
+                  f"||Q A*(y) Q|| = {d['backprojection_out_norm']:.3f} (sigma_min {d['sigma_min']:.3f})", flush=True)
+        print(f"  ({wall:.0f} s for m = {m})", flush=True)
+        del P, res
+    return {"setting": setting, "config": c, "rows": rows}
+
+
+def _short(errs) -> list[float]:
+    return [float(f"{e:.4g}") for e in errs]
+
+
+def _curves_to_json(fig2_curves: dict, over_curves: dict) -> dict:
+    """``{panel: {kappa: [scaled_errors, gd_errors]}}`` at 4 significant digits (for redrawing)."""
+    panels = dict(fig2_curves, overparameterized=over_curves)
+    return {name: {str(k): [_short(a), _short(b)] for k, (a, b) in cs.items()} for name, cs in panels.items()}
 
 
 def _plot(setting: str, fig2: dict, over: dict, path: Path) -> None:
@@ -151,6 +244,9 @@ def main(argv=None) -> dict:
                          "separately (default otherwise)")
     ap.add_argument("--problems", default="sensing,completion,overparameterized",
                     help="comma-separated panels to run (default all three); the JSON holds the ones run")
+    ap.add_argument("--stall-study", action="store_true",
+                    help="run only the kappa = 100 ScaledGD(lambda) study over m and lambda (STALL[setting]) and "
+                         "write <out>/scaled_gd_stall.json")
     ap.add_argument("--out", default="out")
     args = ap.parse_args(argv)
     problems = tuple(p for p in args.problems.split(",") if p)
@@ -160,24 +256,32 @@ def main(argv=None) -> dict:
     setting = "fast" if args.fast else "paper" if args.paper else args.setting
     truth = args.truth or ("authors" if setting == "paper" else "independent")
     torch.set_num_threads(1)
-    fig2 = run_tong_figure2(setting, truth, tuple(p for p in problems if p != "overparameterized"))
-    over = run_overparameterized(setting) if "overparameterized" in problems else {"curves": {}, "rows": []}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.stall_study:
+        study = run_stall_study("fast" if setting == "fast" else "paper")
+        with open(out / "scaled_gd_stall.json", "w") as f:
+            json.dump(study, f, indent=1)
+        print(f"wrote {out / 'scaled_gd_stall.json'}")
+        return study
+    fig2 = run_tong_figure2(setting, truth, tuple(p for p in problems if p != "overparameterized"))
+    over = run_overparameterized(setting) if "overparameterized" in problems else {"curves": {}, "rows": []}
     _plot(setting, fig2, over, out / "scaled_gd_reproduction.png")
     cfg = SETTINGS[setting]
     tol = cfg["tol"]
     print(f"\n{'problem':11s} {'kappa':>5s} {'ScaledGD its':>13s} {'GD its':>8s} {'ScaledGD s':>11s} {'GD s':>7s}"
           f"  (to {tol:g}, <= {cfg['maxiter']})")
+    fmt = lambda t: f"{t:.2f}" if t is not None else "lockstep"  # noqa: E731
     for name, kappa, a, b, ta, tb in fig2["table"]:
         print(f"{name:11s} {kappa:5d} {str(a):>13s} {str(b) if b is not None else '>' + str(cfg['maxiter']):>8s} "
-              f"{ta:11.2f} {tb:7.2f}")
+              f"{fmt(ta):>11s} {fmt(tb):>7s}")
     print(f"\n{'overparam.':11s} {'kappa':>5s} {'ScaledGD(λ)':>12s} {'GD':>8s} {'final S(λ)':>11s} {'final GD':>9s}"
           f"  (to {cfg['over']['tol']:g})")
     for kappa, a, b, ea, eb in over["rows"]:
         print(f"{'PSD':11s} {kappa:5d} {str(a):>12s} {str(b):>8s} {ea:11.2e} {eb:9.2e}")
     result = {"setting": setting, "truth": truth, "problems": list(problems), "config": {k: v for k, v in cfg.items()},
-              "table": fig2["table"], "overparameterized": over["rows"]}
+              "table": fig2["table"], "wall_s": fig2["wall_s"], "overparameterized": over["rows"],
+              "curves": _curves_to_json(fig2["curves"], over["curves"])}
     with open(out / "scaled_gd.json", "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {out / 'scaled_gd_reproduction.png'} and {out / 'scaled_gd.json'}")
