@@ -196,13 +196,17 @@ def _curves_to_json(fig2_curves: dict, over_curves: dict) -> dict:
     return {name: {str(k): [_short(a), _short(b)] for k, (a, b) in cs.items()} for name, cs in panels.items()}
 
 
-def _plot(setting: str, fig2: dict, over: dict, path: Path) -> None:
+PANELS = ("sensing", "completion", "overparameterized")
+
+
+def plot_result(result: dict, path: Path) -> None:
+    """Draw the three panels from a result dict (as written to ``scaled_gd.json``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cfg = SETTINGS[setting]
+    cfg = result["config"]
     oc = cfg["over"]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     colors = dict(zip((1, 5, 10, 20, 100), ("C0", "C1", "C2", "C3", "C4")))
@@ -211,14 +215,14 @@ def _plot(setting: str, fig2: dict, over: dict, path: Path) -> None:
         "completion": f"matrix completion n={cfg['completion']['n']}, r={cfg['completion']['r']}, "
                       f"p={cfg['completion']['p']}",
         "overparameterized": f"PSD sensing n={oc['n']}, r*={oc['r_star']}, r'={oc['r']}, m={oc['m']}, "
-                             f"alpha={oc['alpha']:g}",
+                             f"α={oc['alpha']:g}, λ={oc['lam']:g}σ_min",
     }
-    panels = [("sensing", fig2["curves"]["sensing"]), ("completion", fig2["curves"]["completion"]),
-              ("overparameterized", over["curves"])]
-    for ax, (name, cs) in zip(axes, panels):
+    for ax, name in zip(axes, PANELS):
+        cs = result["curves"].get(name, {})
         if not cs:
             ax.text(0.5, 0.5, f"{name}: not run (see --problems)", ha="center", va="center", transform=ax.transAxes)
         for kappa, (s_err, g_err) in cs.items():
+            kappa = int(kappa)
             lab = "ScaledGD(λ)" if name == "overparameterized" else "ScaledGD"
             ax.semilogy(s_err, color=colors[kappa], label=f"{lab} κ={kappa}")
             ax.semilogy(g_err, color=colors[kappa], ls="--", label=f"GD κ={kappa}")
@@ -234,6 +238,28 @@ def _plot(setting: str, fig2: dict, over: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def merge_results(new: dict, old: dict) -> dict:
+    """``new`` plus the panels of ``old`` that ``new`` did not run (same setting and truth),
+    so panels run separately (e.g. the hour-long sensing one) end up in one JSON and figure."""
+    if (old.get("setting"), old.get("truth")) != (new["setting"], new["truth"]):
+        raise ValueError(f"--merge: {old.get('setting')}/{old.get('truth')} results cannot be merged into "
+                         f"{new['setting']}/{new['truth']} ones; use another --out.")
+    keep = [p for p in old.get("problems", []) if p not in new["problems"]]
+    out = dict(new, config=dict(new["config"]), curves=dict(new["curves"]), wall_s=dict(new["wall_s"]))
+    out["problems"] = [p for p in PANELS if p in new["problems"] or p in keep]
+    out["table"] = [row for row in old["table"] if row[0] in keep] + new["table"]
+    out["table"].sort(key=lambda row: PANELS.index(row[0]))
+    for p in keep:
+        out["curves"][p] = old.get("curves", {}).get(p, {})
+        if p in old.get("wall_s", {}):
+            out["wall_s"][p] = old["wall_s"][p]
+        if p in ("sensing", "completion"):
+            out["config"][p] = old["config"][p]
+    if "overparameterized" in keep:
+        out["overparameterized"], out["config"]["over"] = old["overparameterized"], old["config"]["over"]
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setting", choices=tuple(SETTINGS), default="reduced")
@@ -244,20 +270,30 @@ def main(argv=None) -> dict:
                          "separately (default otherwise)")
     ap.add_argument("--problems", default="sensing,completion,overparameterized",
                     help="comma-separated panels to run (default all three); the JSON holds the ones run")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the panels of an existing <out>/scaled_gd.json that this run does not redo "
+                         "(same setting and truth), and draw the figure from all of them")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the figure from <out>/scaled_gd.json")
     ap.add_argument("--stall-study", action="store_true",
                     help="run only the kappa = 100 ScaledGD(lambda) study over m and lambda (STALL[setting]) and "
                          "write <out>/scaled_gd_stall.json")
     ap.add_argument("--out", default="out")
     args = ap.parse_args(argv)
     problems = tuple(p for p in args.problems.split(",") if p)
-    bad = set(problems) - {"sensing", "completion", "overparameterized"}
+    bad = set(problems) - set(PANELS)
     if bad:
         ap.error(f"unknown panel(s) {sorted(bad)}; choose from sensing, completion, overparameterized")
     setting = "fast" if args.fast else "paper" if args.paper else args.setting
     truth = args.truth or ("authors" if setting == "paper" else "independent")
-    torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out / "scaled_gd.json", out / "scaled_gd_reproduction.png"
+    if args.plot_only:
+        result = json.loads(json_path.read_text())
+        plot_result(result, png_path)
+        print(f"wrote {png_path}")
+        return result
+    torch.set_num_threads(1)
     if args.stall_study:
         study = run_stall_study("fast" if setting == "fast" else "paper")
         with open(out / "scaled_gd_stall.json", "w") as f:
@@ -266,25 +302,27 @@ def main(argv=None) -> dict:
         return study
     fig2 = run_tong_figure2(setting, truth, tuple(p for p in problems if p != "overparameterized"))
     over = run_overparameterized(setting) if "overparameterized" in problems else {"curves": {}, "rows": []}
-    _plot(setting, fig2, over, out / "scaled_gd_reproduction.png")
     cfg = SETTINGS[setting]
-    tol = cfg["tol"]
+    result = {"setting": setting, "truth": truth, "problems": [p for p in PANELS if p in problems],
+              "config": {k: v for k, v in cfg.items()}, "table": fig2["table"], "wall_s": fig2["wall_s"],
+              "overparameterized": over["rows"], "curves": _curves_to_json(fig2["curves"], over["curves"])}
+    if args.merge and json_path.exists():
+        result = merge_results(result, json.loads(json_path.read_text()))
+    plot_result(result, png_path)
+    tol, maxiter = result["config"]["tol"], result["config"]["maxiter"]
     print(f"\n{'problem':11s} {'kappa':>5s} {'ScaledGD its':>13s} {'GD its':>8s} {'ScaledGD s':>11s} {'GD s':>7s}"
-          f"  (to {tol:g}, <= {cfg['maxiter']})")
+          f"  (to {tol:g}, <= {maxiter})")
     fmt = lambda t: f"{t:.2f}" if t is not None else "lockstep"  # noqa: E731
-    for name, kappa, a, b, ta, tb in fig2["table"]:
-        print(f"{name:11s} {kappa:5d} {str(a):>13s} {str(b) if b is not None else '>' + str(cfg['maxiter']):>8s} "
+    for name, kappa, a, b, ta, tb in result["table"]:
+        print(f"{name:11s} {kappa:5d} {str(a):>13s} {str(b) if b is not None else '>' + str(maxiter):>8s} "
               f"{fmt(ta):>11s} {fmt(tb):>7s}")
     print(f"\n{'overparam.':11s} {'kappa':>5s} {'ScaledGD(λ)':>12s} {'GD':>8s} {'final S(λ)':>11s} {'final GD':>9s}"
-          f"  (to {cfg['over']['tol']:g})")
-    for kappa, a, b, ea, eb in over["rows"]:
+          f"  (to {result['config']['over']['tol']:g})")
+    for kappa, a, b, ea, eb in result["overparameterized"]:
         print(f"{'PSD':11s} {kappa:5d} {str(a):>12s} {str(b):>8s} {ea:11.2e} {eb:9.2e}")
-    result = {"setting": setting, "truth": truth, "problems": list(problems), "config": {k: v for k, v in cfg.items()},
-              "table": fig2["table"], "wall_s": fig2["wall_s"], "overparameterized": over["rows"],
-              "curves": _curves_to_json(fig2["curves"], over["curves"])}
-    with open(out / "scaled_gd.json", "w") as f:
+    with open(json_path, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"wrote {out / 'scaled_gd_reproduction.png'} and {out / 'scaled_gd.json'}")
+    print(f"wrote {png_path} and {json_path}")
     return result
 
 
