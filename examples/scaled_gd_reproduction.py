@@ -11,18 +11,22 @@ Settings (``--setting``):
   easy design -- a smoke test, not the paper's regime).
 * ``reduced`` -- minutes: sensing n = 100, r = 10 (m = 5nr); completion as published.
 * ``paper`` -- the official scripts ``MS.m`` / ``MC.m`` (github Titan-Tong/ScaledGD):
-  sensing n = 200, r = 10, m = 5nr = 10 000 (a dense float64 design of 3.2 GB),
+  sensing n = 200, r = 10, m = 5nr = 10 000 (a dense float64 design of 3.2 GB, drawn once
+  for all kappas; the eight runs advance in lockstep, one pair of products per iteration),
   completion n = 1000, r = 10, p = 0.2; T = 1000 iterations, eta = 0.5, GD step
   0.5 / sigma_max, the same design / mask for every kappa, stop below 1e-14 (their
   ``thresh_low``), and their truth: the scripts take ``V* = svds(U_seed)``, i.e.
   ``V* = U*`` (``right_from_left=True``; ``--truth independent`` draws V* separately).
-  The overparameterized panel uses n = 100, r* = 3, r' = 5, m = 10 n r* = 3000,
+  The overparameterized panel uses n = 100, r* = 3, r' = 5, m = 40 n r* = 12 000,
   alpha = 1e-12, lambda = sigma_min(M*), eta = 0.3: Xu et al. publish no code and their
-  figure parameters were not available here, so this is our reading of the paper's
-  regime (m of order n r*), not a verified copy.
+  figure parameters were not available here, so this is our setting, not a verified copy.
+  At m = 10 n r* (our earlier choice) ScaledGD(lambda) stalls at kappa = 100; ``--stall-study``
+  measures why (the m x lambda study in REPRODUCTIONS.md).
 
     python examples/scaled_gd_reproduction.py --setting fast
     python examples/scaled_gd_reproduction.py --setting paper --out docs/reproductions
+    python examples/scaled_gd_reproduction.py --setting paper --problems sensing --merge --out docs/reproductions
+    python examples/scaled_gd_reproduction.py --setting paper --stall-study --out docs/reproductions
 
 Writes ``<out>/scaled_gd_reproduction.png`` and ``<out>/scaled_gd.json`` and prints the
 iterations to the tolerance.  Random draws (torch generators) differ from MATLAB's, so
@@ -53,7 +57,7 @@ SETTINGS = {
                     over=dict(n=10, r_star=2, r=3, m=4000, alpha=1e-12, lam=1.0, eta=0.3, kappas=(10, 100),
                               maxiter=1000, gd_maxiter=3000, tol=1e-8)),
     "paper": dict(sensing=dict(n=200, r=10), completion=dict(n=1000, r=10, p=0.2), maxiter=1000, tol=1e-14,
-                  over=dict(n=100, r_star=3, r=5, m=3000, alpha=1e-12, lam=1.0, eta=0.3, kappas=(10, 100),
+                  over=dict(n=100, r_star=3, r=5, m=12000, alpha=1e-12, lam=1.0, eta=0.3, kappas=(10, 100),
                             maxiter=1000, gd_maxiter=1000, tol=1e-8)),
 }
 
@@ -103,17 +107,23 @@ def run_tong_figure2(setting: str, truth: str = "authors", problems=("sensing", 
 
 
 def run_overparameterized(setting: str) -> dict:
-    """ScaledGD(lambda) vs GD on overparameterized PSD sensing from ``alpha * N(0, 1/n)``.
+    """ScaledGD(lambda) vs GD on overparameterized PSD sensing from ``alpha * N(0, 1/n)``; the
+    four runs (two kappas, two methods) share one design and run in lockstep.
 
     Returns curves and rows ``(kappa, scaledgd_lambda_its, gd_its, scaledgd_lambda_final, gd_final)``."""
     c = SETTINGS[setting]["over"]
+    kappas = tuple(c["kappas"])
+    fam = matrix_sensing_family(c["n"], c["r_star"], kappas, num_measurements=c["m"], psd=True, seed=0)
+    runs = []
+    for i, kappa in enumerate(kappas):
+        runs.append(dict(problem=i, eta=c["eta"], damping=c["lam"] / kappa, init="random", init_scale=c["alpha"],
+                         maxiter=c["maxiter"], tol=c["tol"]))
+        runs.append(dict(problem=i, eta=c["eta"], init="random", init_scale=c["alpha"], maxiter=c["gd_maxiter"],
+                         tol=c["tol"], preconditioned=False))
+    res = scaled_gd_lockstep(fam, c["r"], runs)
     curves, rows = {}, []
-    for kappa in c["kappas"]:
-        P = matrix_sensing_problem(c["n"], c["r_star"], kappa, num_measurements=c["m"], psd=True, seed=0)
-        s = scaled_gd(P, c["r"], eta=c["eta"], damping=c["lam"] / kappa, init="random", init_scale=c["alpha"],
-                      maxiter=c["maxiter"], tol=c["tol"])
-        g = factored_gd(P, c["r"], eta=c["eta"], init="random", init_scale=c["alpha"], maxiter=c["gd_maxiter"],
-                        tol=c["tol"])
+    for i, kappa in enumerate(kappas):
+        s, g = res[2 * i], res[2 * i + 1]
         curves[kappa] = (s.relative_errors, g.relative_errors)
         rows.append((kappa, s.iterations_to(c["tol"]), g.iterations_to(c["tol"]), s.relative_errors[-1],
                      g.relative_errors[-1]))

@@ -309,3 +309,24 @@ def test_scaled_gd_lambda_overparameterized_psd_sensing(kappa):
     # the spurious third direction stays at the initialization's scale
     sv = torch.linalg.svdvals(s.factors[0])
     assert float(sv[2]) < 1e-6
+
+
+@pytest.mark.slow
+def test_scaled_gd_lambda_published_size_needs_enough_measurements():
+    """n = 100, r* = 3, r' = 5, kappa = 100, alpha = 1e-12, eta = 0.3, 1000 iterations (the
+    REPRODUCTIONS.md stall study).  At m = 10 n r* = 3000 the two overparameterized directions
+    grow out of the small initialization and then shrink only at the sublinear rate
+    s^2 ~ lambda / (2 eta t): the final error is set by lambda, not by the initialization.  At
+    m = 40 n r* = 12 000 they stay near the initialization and the run reaches 1e-8."""
+    T, eta, sigma_min = 1000, 0.3, 0.01
+    for m, lams in ((3000, (1.0, 0.1)), (12000, (1.0,))):
+        (P,) = matrix_sensing_family(100, 3, (100,), num_measurements=m, psd=True, seed=0)
+        res = scaled_gd_lockstep([P], 5, [dict(problem=0, eta=eta, damping=lam * sigma_min, init="random",
+                                               init_scale=1e-12, maxiter=T, tol=1e-8) for lam in lams])
+        for lam, r in zip(lams, res):
+            extra = torch.linalg.svdvals(r.factors[0])[3:] ** 2  # eigenvalues 4, 5 of Y^T Y
+            if m == 3000:
+                assert not r.converged
+                assert 0.5 <= float(extra[0]) / (lam * sigma_min / (2 * eta * T)) <= 3, (lam, extra)
+            else:
+                assert r.converged and float(extra[0]) < 1e-9, (r.relative_errors[-1], extra)
