@@ -80,6 +80,7 @@ def run_scaled_gd(setting: str, out: Path) -> None:
     ex = _load("scaled_gd_reproduction")
     ex.main(["--setting", setting, "--out", str(out)])
     ex.main(["--setting", setting, "--stall-study", "--out", str(out)])
+    ex.main(["--setting", setting, "--stall-trace", "--out", str(out)])
 
 
 def run_gns(setting: str, out: Path) -> None:
@@ -101,7 +102,7 @@ SOURCES = {"lazy_newton": "lazy_newton.json", "cubic": "lazy_newton.json", "soph
 
 
 #: extra JSONs a section reads into keys of its data (absent files are left out)
-EXTRA_SOURCES = {"scaled_gd": {"stall": "scaled_gd_stall.json"}}
+EXTRA_SOURCES = {"scaled_gd": {"stall": "scaled_gd_stall.json", "trace": "scaled_gd_stall_trace.json"}}
 
 
 def _read(out: Path, name: str):
@@ -264,7 +265,7 @@ def section_scaled_gd(data) -> Section:
         s.lines.append(OVERPARAM_PROVENANCE)
     stall = data.get("stall")
     if stall is not None:
-        _stall_lines(s, stall)
+        _stall_lines(s, stall, data.get("trace"))
     return s
 
 
@@ -276,7 +277,7 @@ OVERPARAM_PROVENANCE = (
     "setting above is ours, not a verified copy.")
 
 
-def _stall_lines(s: Section, stall: dict) -> None:
+def _stall_lines(s: Section, stall: dict, trace: dict | None = None) -> None:
     """The κ = 100 study: where the error sits and how it scales with m and λ (``scaled_gd_stall.json``)."""
     c = stall["config"]
     T, eta, rs = c["maxiter"], c["eta"], c["r_star"]
@@ -298,6 +299,20 @@ def _stall_lines(s: Section, stall: dict) -> None:
         s.lines.append(f"| {r['m']} | {r['lam']:g} | {r['iterations'] if r['iterations'] is not None else '> %d' % T} "
                        f"| {r['final_error']:.1e} | {extra} | {pred:.1e} | {r['error_out']:.1e} | "
                        f"{r['backprojection_out_norm'] / r['sigma_min']:.1f} |")
+    if trace is not None:
+        rs_t = trace["config"]["r_star"]
+        s.lines.append("")
+        s.lines.append(f"When the extra directions grow (`--stall-trace`: m = {trace['m']}, λ = {trace['lam']:g}·σ_min, "
+                       "the first iterations of the same run): the YᵀY eigenvalues beyond r* and the largest energy "
+                       "of Y outside range(M*) (top squared singular value of QY).")
+        s.lines.append("")
+        s.lines.append("| iteration | error | YᵀY eigenvalues 1..r* | extra YᵀY eigenvalues | energy outside range(M*) |")
+        s.lines.append("|---|---|---|---|---|")
+        for r in trace["rows"]:
+            if r["iteration"] in (1, 3, 5, 6, 7, 8, 10, 15, 20, 40, 60, 100):
+                s.lines.append(f"| {r['iteration']} | {r['error']:.1e} | "
+                               f"{', '.join(f'{v:.1e}' for v in r['gram'][:rs_t])} | "
+                               f"{', '.join(f'{v:.1e}' for v in r['gram'][rs_t:])} | {r['outside'][0]:.1e} |")
     s.lines.append("")
     s.lines.append(STALL_CONCLUSION.get(stall["setting"], ""))
 

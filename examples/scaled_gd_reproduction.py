@@ -196,6 +196,32 @@ def run_stall_study(setting: str) -> dict:
     return {"setting": setting, "config": c, "rows": rows}
 
 
+def run_stall_trace(setting: str, iterations: int = 100) -> dict:
+    """The first ``iterations`` of the smallest-``m``, ``lambda = sigma_min`` run of the study: per
+    iteration the eigenvalues of ``Y^T Y`` and the energy of ``Y`` outside range(M*) (squared
+    singular values of ``Q Y``), to show when the overparameterized directions leave the
+    ``alpha^2`` scale."""
+    c = STALL[setting]
+    m, lam = c["ms"][0], c["lams"][0]
+    (P,) = matrix_sensing_family(c["n"], c["r_star"], (c["kappa"],), num_measurements=m, psd=True, seed=0)
+    U = torch.linalg.eigh(P.X_star)[1][:, -c["r_star"]:]
+    Q = torch.eye(c["n"], dtype=U.dtype) - U @ U.T
+    rows = []
+
+    def record(it, factors):
+        Y = factors[0]
+        rows.append(dict(iteration=it, gram=[float(v) for v in torch.linalg.svdvals(Y) ** 2],
+                         outside=[float(v) for v in torch.linalg.svdvals(Q @ Y)[:3] ** 2],
+                         error=P.relative_error(Y @ Y.T)))
+
+    scaled_gd(P, c["r"], eta=c["eta"], damping=lam / c["kappa"], init="random", init_scale=c["alpha"],
+              maxiter=iterations, tol=0.0, callback=record)
+    for r in rows[:12] + rows[12::10]:
+        print(f"trace t={r['iteration']:4d} error {r['error']:.2e}  Y^T Y " + " ".join(f"{v:.1e}" for v in r["gram"])
+              + "  outside range(M*) " + " ".join(f"{v:.1e}" for v in r["outside"]), flush=True)
+    return {"setting": setting, "m": m, "lam": lam, "config": c, "rows": rows}
+
+
 def _short(errs) -> list[float]:
     return [float(f"{e:.4g}") for e in errs]
 
@@ -287,6 +313,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--stall-study", action="store_true",
                     help="run only the kappa = 100 ScaledGD(lambda) study over m and lambda (STALL[setting]) and "
                          "write <out>/scaled_gd_stall.json")
+    ap.add_argument("--stall-trace", action="store_true",
+                    help="trace the first 100 iterations of the study's smallest-m, lambda = sigma_min run "
+                         "(<out>/scaled_gd_stall_trace.json)")
     ap.add_argument("--out", default="out")
     args = ap.parse_args(argv)
     problems = tuple(p for p in args.problems.split(",") if p)
@@ -304,6 +333,12 @@ def main(argv=None) -> dict:
         print(f"wrote {png_path}")
         return result
     torch.set_num_threads(1)
+    if args.stall_trace:
+        trace = run_stall_trace("fast" if setting == "fast" else "paper")
+        with open(out / "scaled_gd_stall_trace.json", "w") as f:
+            json.dump(trace, f, indent=1)
+        print(f"wrote {out / 'scaled_gd_stall_trace.json'}")
+        return trace
     if args.stall_study:
         study = run_stall_study("fast" if setting == "fast" else "paper")
         with open(out / "scaled_gd_stall.json", "w") as f:
