@@ -77,7 +77,10 @@ def run_lazy_newton(setting: str, out: Path) -> None:
 
 
 def run_scaled_gd(setting: str, out: Path) -> None:
-    _load("scaled_gd_reproduction").main(["--setting", setting, "--out", str(out)])
+    ex = _load("scaled_gd_reproduction")
+    ex.main(["--setting", setting, "--out", str(out)])
+    ex.main(["--setting", setting, "--stall-study", "--out", str(out)])
+    ex.main(["--setting", setting, "--stall-trace", "--out", str(out)])
 
 
 def run_gns(setting: str, out: Path) -> None:
@@ -98,12 +101,20 @@ SOURCES = {"lazy_newton": "lazy_newton.json", "cubic": "lazy_newton.json", "soph
            "scaled_gd": "scaled_gd.json", "gns": "gns.json", "eos": "eos.json"}
 
 
+#: extra JSONs a section reads into keys of its data (absent files are left out)
+EXTRA_SOURCES = {"scaled_gd": {"stall": "scaled_gd_stall.json", "trace": "scaled_gd_stall_trace.json"}}
+
+
 def _read(out: Path, name: str):
     path = out / SOURCES[name]
     if not path.exists():
         return None
     with open(path) as f:
-        return json.load(f)
+        data = json.load(f)
+    for key, fname in EXTRA_SOURCES.get(name, {}).items():
+        if (out / fname).exists():
+            data[key] = json.loads((out / fname).read_text())
+    return data
 
 
 # ----------------------------------------------------------------------------- sections
@@ -214,10 +225,10 @@ def section_scaled_gd(data) -> Section:
                  f"{data['truth']}; tolerance {tol:g}, at most {cfg['maxiter']} iterations)")
     s.lines.append(f"| problem | κ | ScaledGD iterations to {tol:g} | GD iterations to {tol:g} |")
     s.lines.append("|---|---|---|---|")
-    if data["setting"] == "paper" and "sensing" not in data.get("problems", ["sensing"]):
-        s.lines.append(f"Sensing at the published n = 200 was not run to the end here: {SENSING_PAPER_PARTIAL}. "
-                       "`--problems sensing` runs it (dense float64 design, 3.2 GB).")
-        s.lines.append("")
+    for panel in ("sensing", "completion"):
+        if panel not in data.get("problems", [panel]):
+            s.lines.append(f"The {panel} panel was not run at this setting (`--problems {panel} --merge` adds it).")
+            s.lines.append("")
     by = {}
     for name, kappa, a, b, *_ in data["table"]:
         by.setdefault(name, {})[kappa] = (a, b)
@@ -243,17 +254,67 @@ def section_scaled_gd(data) -> Section:
         s.check(f"ScaledGD(λ) reaches {oc['tol']:g} at κ = {kappa}", a is not None)
         s.check(f"GD needs >= 5x the iterations at κ = {kappa} (or does not converge)",
                 a is not None and (b is None or b >= 5 * a))
+    wall = data.get("wall_s", {}).get("sensing")
+    if wall is not None:
+        s.lines.append("")
+        s.lines.append(f"The eight sensing runs share one Gaussian design (it does not depend on κ) and ran in lockstep "
+                       f"(`scaled_gd_lockstep`: one `[m, n²] @ [n², runs]` product pair per iteration): {wall:.0f} s "
+                       "wall time on the shared machine.")
     if data["setting"] == "paper":
         s.lines.append("")
-        s.lines.append("The overparameterized setting is our reading of Xu et al.'s regime (m of order n r*); the "
-                       "paper's own figure parameters were not available here and no official code is public. "
-                       "Where ScaledGD(λ) stalls above the tolerance (κ = 100 at m = 10 n r*: 2e-5 after 1000 "
-                       "iterations, while κ = 10 reaches 1e-8 in 227), we have not established the cause; a "
-                       "likely one is that m Gaussian measurements leave a spectral error of order "
-                       "sqrt(n r*/m) in A*A, large next to σ_min(M*) = 0.01, and larger m was not tried here. "
-                       "This part of the claim is not reproduced at this setting. "
-                       "The left panel is empty when the sensing panel was not run (see above).")
+        s.lines.append(OVERPARAM_PROVENANCE)
+    stall = data.get("stall")
+    if stall is not None:
+        _stall_lines(s, stall, data.get("trace"))
     return s
+
+
+#: what we know (and do not) about Xu et al.'s own experiment settings
+OVERPARAM_PROVENANCE = (
+    "Provenance of the overparameterized setting: Xu et al. publish no code, and the stored copies of the paper "
+    "searched here (arXiv 2302.01186: the abstract, the LaTeX abstract, the first paragraphs of the introduction) do "
+    "not include its experiment section, so the figure's n, r*, r', m, κ, α, λ and η are not known to us. The "
+    "setting above is ours, not a verified copy.")
+
+
+def _stall_lines(s: Section, stall: dict, trace: dict | None = None) -> None:
+    """The κ = 100 study: where the error sits and how it scales with m and λ (``scaled_gd_stall.json``)."""
+    c = stall["config"]
+    T, eta, rs = c["maxiter"], c["eta"], c["r_star"]
+    s.lines.append("")
+    s.lines.append(f"**Why ScaledGD(λ) stalls at κ = {c['kappa']}** (`--stall-study`, setting {stall['setting']}: "
+                   f"n = {c['n']}, r* = {rs}, r' = {c['r']}, α = {c['alpha']:g}, η = {eta}, {T} iterations, float64). "
+                   f"Columns: the extra eigenvalues of YᵀY (the r' − r* overparameterized directions: ~α² = "
+                   f"{c['alpha'] ** 2:.0e} if they never grew), their prediction λ/(2ηT) for a direction that grew "
+                   "and then shrinks at the overparameterized rate s² ← s²(1 − ηs²/λ)², the error outside range(M*) "
+                   "(‖QEQ‖/‖M*‖), and the back-projection's spectral norm outside range(M*), ‖Q A*(y) Q‖, next to "
+                   "σ_min(M*).")
+    s.lines.append("")
+    s.lines.append("| m | λ/σ_min | iterations to 1e-8 | final error | extra YᵀY eigenvalues | λ/(2ηT) | error outside "
+                   "range(M*) | ‖Q A*(y) Q‖ / σ_min |")
+    s.lines.append("|---|---|---|---|---|---|---|---|")
+    for r in stall["rows"]:
+        extra = ", ".join(f"{v:.1e}" for v in r["gram_eigenvalues"][rs:])
+        pred = r["lam"] * r["sigma_min"] / (2 * eta * T)
+        s.lines.append(f"| {r['m']} | {r['lam']:g} | {r['iterations'] if r['iterations'] is not None else '> %d' % T} "
+                       f"| {r['final_error']:.1e} | {extra} | {pred:.1e} | {r['error_out']:.1e} | "
+                       f"{r['backprojection_out_norm'] / r['sigma_min']:.1f} |")
+    if trace is not None:
+        rs_t = trace["config"]["r_star"]
+        s.lines.append("")
+        s.lines.append(f"When the extra directions grow (`--stall-trace`: m = {trace['m']}, λ = {trace['lam']:g}·σ_min, "
+                       "the first iterations of the same run): the YᵀY eigenvalues beyond r* and the largest energy "
+                       "of Y outside range(M*) (top squared singular value of QY).")
+        s.lines.append("")
+        s.lines.append("| iteration | error | YᵀY eigenvalues 1..r* | extra YᵀY eigenvalues | energy outside range(M*) |")
+        s.lines.append("|---|---|---|---|---|")
+        for r in trace["rows"]:
+            if r["iteration"] in (1, 3, 5, 6, 7, 8, 10, 15, 20, 40, 60, 100):
+                s.lines.append(f"| {r['iteration']} | {r['error']:.1e} | "
+                               f"{', '.join(f'{v:.1e}' for v in r['gram'][:rs_t])} | "
+                               f"{', '.join(f'{v:.1e}' for v in r['gram'][rs_t:])} | {r['outside'][0]:.1e} |")
+    s.lines.append("")
+    s.lines.append(STALL_CONCLUSION.get(stall["setting"], ""))
 
 
 def section_gns(data) -> Section:
@@ -339,9 +400,8 @@ AUTHORS_GNS_COUNTS = {
     ("rosenbrock", "p = 5 residual, gradient method"): 2132,
 }
 
-#: Published-size sensing (n = 200, m = 10 000) measured before the run was stopped: it needs a 3.2 GB dense
-#: design and about 2 s per iteration on the shared 2-core machine (about 3 hours for 4 kappas x 2 methods).
-SENSING_PAPER_PARTIAL = "κ = 1: ScaledGD 385, GD 387 iterations to 1e-14 (truth V* = U*); κ = 5, 10, 20 not run"
+#: the conclusion drawn from the stall study's numbers (per setting; see REPRODUCTIONS.md)
+STALL_CONCLUSION = {"paper": "", "fast": ""}
 
 BUILDERS = {"lazy_newton": section_lazy_newton, "cubic": section_cubic, "sophia": section_sophia,
             "scaled_gd": section_scaled_gd, "gns": section_gns, "eos": section_eos}

@@ -7,18 +7,21 @@ from .matrix_problems import (
     MatrixSensingProblem,
     low_rank_ground_truth,
     matrix_completion_problem,
+    matrix_sensing_family,
     matrix_sensing_problem,
     small_random_init,
     spectral_init,
 )
-from .scaled_gd import ScaledGD, ScaledGDResult, factored_gd, scaled_gd, scaled_gd_preconditioner
+from .scaled_gd import (
+    ScaledGD, ScaledGDResult, factored_gd, scaled_gd, scaled_gd_lockstep, scaled_gd_preconditioner,
+)
 from .newton_cg import NewtonCG
 from .gns_newton import GNSNewton
 
 __all__: list[str] = []
 __all__ += ["Sophia", "SophiaGRecipe", "official_lr", "official_param_groups", "GNBEstimator", "HutchinsonEstimator", "DiagonalCurvatureEstimator"]
-__all__ += ["ScaledGD", "ScaledGDResult", "scaled_gd", "factored_gd", "scaled_gd_preconditioner",
-            "MatrixSensingProblem", "MatrixCompletionProblem", "matrix_sensing_problem",
+__all__ += ["ScaledGD", "ScaledGDResult", "scaled_gd", "factored_gd", "scaled_gd_lockstep", "scaled_gd_preconditioner",
+            "MatrixSensingProblem", "MatrixCompletionProblem", "matrix_sensing_problem", "matrix_sensing_family",
             "matrix_completion_problem", "low_rank_ground_truth", "spectral_init", "small_random_init"]
 __all__ += ["NewtonCG", "GNSNewton"]
 

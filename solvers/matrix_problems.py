@@ -33,6 +33,7 @@ __all__ = [
     "MatrixSensingProblem",
     "MatrixCompletionProblem",
     "matrix_sensing_problem",
+    "matrix_sensing_family",
     "matrix_completion_problem",
     "spectral_init",
     "small_random_init",
@@ -100,6 +101,10 @@ class LowRankProblem:
     def loss(self, X: Tensor) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def loss_and_gradient(self, X: Tensor) -> tuple[float, Tensor]:
+        """``(f(X), grad f(X))``; sensing overrides it to share the residual (one pass fewer)."""
+        return self.loss(X), self.residual_gradient(X)
+
     def spectral_matrix(self) -> Tensor:  # pragma: no cover - abstract
         """The unbiased back-projection (``A*(y)`` or ``Y / p``) used for spectral init."""
         raise NotImplementedError
@@ -137,16 +142,23 @@ class MatrixSensingProblem(LowRankProblem):
         y: measurements ``[m]``; default ``A(X_star)``.
         X_star: the truth (optional if ``y`` is given).
         seed: seed of the design (the same seed always gives the same ``A``).
-        storage: ``"dense"`` (``m * n1 * n2`` numbers in memory) or ``"on_the_fly"``.
-        chunk_size: measurements generated per chunk for ``"on_the_fly"``.
+        storage: ``"dense"`` (``m * n1 * n2`` numbers in memory, generated chunk by chunk
+            into one preallocated buffer, never held twice) or ``"on_the_fly"``.
+        chunk_size: measurements generated per chunk (both storages draw the same design).
         dtype, device: of the design and the iterates.
+        design: share the design of another dense problem with the same shape, ``m``,
+            seed, chunk size and dtype (no copy: the same tensor), so that many truths
+            can be measured by one ``A`` (:func:`matrix_sensing_family`).
 
-    Cost: each ``A(X)`` / ``A*(r)`` reads (or regenerates) the ``m x n1 n2`` design once.
+    Cost: each ``A(X)`` / ``A*(r)`` reads (or regenerates) the ``m x n1 n2`` design once,
+    for one matrix or for a stack of ``k`` (``[k, n1, n2]`` / ``[k, m]``: one ``[m, n1 n2]
+    @ [n1 n2, k]`` product, about the time of one when memory-bound).
     """
 
     def __init__(self, shape, num_measurements: int, *, y: Tensor | None = None, X_star: Tensor | None = None,
                  rank: int | None = None, seed: int = 0, storage: str = "dense", chunk_size: int = 512,
-                 dtype: torch.dtype = torch.float64, device="cpu", symmetric: bool = False) -> None:
+                 dtype: torch.dtype = torch.float64, device="cpu", symmetric: bool = False,
+                 design: "MatrixSensingProblem | None" = None) -> None:
         n1, n2 = (int(s) for s in shape)
         m = int(num_measurements)
         if m < 1:
@@ -158,7 +170,14 @@ class MatrixSensingProblem(LowRankProblem):
         self._dtype, self._device = dtype, torch.device(device)
         self.rank, self.symmetric = rank, symmetric
         self.A = None
-        if storage == "dense":
+        if design is not None:
+            if not (isinstance(design, MatrixSensingProblem) and design.A is not None and self.same_design(design)):
+                raise ValueError("design= must be a dense MatrixSensingProblem with the same shape, num_measurements, "
+                                 "seed, chunk_size, dtype and device (it shares its design tensor).")
+            if storage != "dense":
+                raise ValueError("design= shares a dense design; use storage='dense'.")
+            self.A = design.A
+        elif storage == "dense":
             A = torch.empty(m, n1 * n2, dtype=dtype, device=self._device)
             for lo, hi, Ak in self._chunks():
                 A[lo:hi] = Ak
@@ -177,6 +196,11 @@ class MatrixSensingProblem(LowRankProblem):
             raise ValueError(f"Dimension mismatch: y has shape {tuple(y.shape)}, expected ({m},).")
         _check_finite("The measurements y", y)
         self.y = y
+
+    def same_design(self, other: "MatrixSensingProblem") -> bool:
+        """Whether ``other`` draws the same ``A`` (shape, ``m``, seed, chunking, dtype, device)."""
+        key = lambda p: (p.shape, p.m, p.seed, p.chunk_size, p._dtype, p._device)  # noqa: E731
+        return key(self) == key(other)
 
     def _make_chunk(self, start: int, stop: int) -> Tensor:
         """Rows ``start:stop`` of the design; chunk ``c`` always comes from seed ``(seed, c)``."""
@@ -198,24 +222,37 @@ class MatrixSensingProblem(LowRankProblem):
             yield lo, hi, self._make_chunk(lo, hi)
 
     def apply(self, X: Tensor) -> Tensor:
-        """``A(X) = [<A_k, X>]_k``, shape ``[m]``."""
-        self._check_X(X)
-        x = X.reshape(-1)
+        """``A(X) = [<A_k, X>]_k``: ``[n1, n2] -> [m]``, or a stack ``[k, n1, n2] -> [k, m]``."""
+        if X.dim() == 3:
+            self._check_X(X[0])
+        else:
+            self._check_X(X)
+        x = X.reshape(-1, self.shape[0] * self.shape[1]).T  # [n1 n2, k]
         if self.A is not None:
-            return self.A @ x
-        return torch.cat([Ak @ x for _, _, Ak in self._chunks()])
+            out = self.A @ x
+        else:
+            out = torch.cat([Ak @ x for _, _, Ak in self._chunks()])
+        return out.T.reshape(X.shape[:-2] + (self.m,))
 
     def adjoint(self, r: Tensor) -> Tensor:
-        """``A*(r) = sum_k r_k A_k``, shape ``[n1, n2]``."""
+        """``A*(r) = sum_k r_k A_k``: ``[m] -> [n1, n2]``, or a stack ``[k, m] -> [k, n1, n2]``."""
+        if r.shape[-1] != self.m or r.dim() > 2:
+            raise ValueError(f"Dimension mismatch: r has shape {tuple(r.shape)}, expected ({self.m},) or (k, {self.m}).")
+        R = r.reshape(-1, self.m)
         if self.A is not None:
-            return (r @ self.A).reshape(self.shape)
-        out = torch.zeros(self.shape[0] * self.shape[1], dtype=r.dtype, device=r.device)
-        for lo, hi, Ak in self._chunks():
-            out += r[lo:hi] @ Ak
-        return out.reshape(self.shape)
+            out = R @ self.A
+        else:
+            out = torch.zeros(R.shape[0], self.shape[0] * self.shape[1], dtype=r.dtype, device=r.device)
+            for lo, hi, Ak in self._chunks():
+                out += R[:, lo:hi] @ Ak
+        return out.reshape(r.shape[:-1] + self.shape)
 
     def residual_gradient(self, X: Tensor) -> Tensor:
         return self.adjoint(self.apply(X) - self.y)
+
+    def loss_and_gradient(self, X: Tensor) -> tuple[float, Tensor]:
+        res = self.apply(X) - self.y
+        return 0.5 * float((res * res).sum()), self.adjoint(res)
 
     def loss(self, X: Tensor) -> float:
         return 0.5 * float(((self.apply(X) - self.y) ** 2).sum())
@@ -281,6 +318,28 @@ def matrix_sensing_problem(n: int, rank: int, kappa: float = 1.0, *, n2: int | N
                                        seed=seed, dtype=dtype, device=device)
     return MatrixSensingProblem((n, n2), m, X_star=X_star, rank=rank, seed=seed + 1, storage=storage,
                                 dtype=dtype, device=device, symmetric=psd)
+
+
+def matrix_sensing_family(n: int, rank: int, kappas, *, n2: int | None = None,
+                          num_measurements: int | None = None, psd: bool = False, right_from_left: bool = False,
+                          seed: int = 0, dtype: torch.dtype = torch.float64,
+                          device="cpu") -> list[MatrixSensingProblem]:
+    """:func:`matrix_sensing_problem` for every ``kappa`` in ``kappas``, all measured by ONE dense
+    design (the one each would draw alone at this seed; it does not depend on ``kappa``), so
+    memory holds ``m n1 n2`` numbers once and :func:`~solvers.scaled_gd.scaled_gd_lockstep`
+    can advance all runs with one pair of products per iteration."""
+    kappas = list(kappas)
+    if not kappas:
+        raise ValueError("kappas is empty.")
+    first = matrix_sensing_problem(n, rank, kappas[0], n2=n2, num_measurements=num_measurements, psd=psd,
+                                   right_from_left=right_from_left, seed=seed, dtype=dtype, device=device)
+    out = [first]
+    for kappa in kappas[1:]:
+        X_star, *_ = low_rank_ground_truth(n, first.shape[1], rank, kappa, symmetric=psd,
+                                           right_from_left=right_from_left, seed=seed, dtype=dtype, device=device)
+        out.append(MatrixSensingProblem(first.shape, first.m, X_star=X_star, rank=rank, seed=first.seed,
+                                        dtype=dtype, device=device, symmetric=psd, design=first))
+    return out
 
 
 def matrix_completion_problem(n: int, rank: int, kappa: float = 1.0, *, n2: int | None = None, p: float = 0.2,

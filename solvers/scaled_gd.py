@@ -34,7 +34,7 @@ from torch.optim import Optimizer
 
 from curvature import LinearOperator
 
-from .matrix_problems import LowRankProblem, small_random_init, spectral_init
+from .matrix_problems import LowRankProblem, MatrixSensingProblem, small_random_init, spectral_init
 
 __all__ = [
     "FactorPreconditioner",
@@ -42,6 +42,7 @@ __all__ = [
     "ScaledGDResult",
     "scaled_gd",
     "factored_gd",
+    "scaled_gd_lockstep",
     "ScaledGD",
 ]
 
@@ -155,11 +156,119 @@ class ScaledGDResult:
         return None
 
 
-def _metric(problem: LowRankProblem, X: Tensor, f0: float) -> tuple[float, float]:
-    loss = problem.loss(X)
-    if problem.X_star is not None:
-        return problem.relative_error(X), loss
-    return math.sqrt(max(loss, 0.0) / f0) if f0 > 0 else 0.0, loss
+class _Run:
+    """One ScaledGD / GD trajectory as a state machine: ``step(Z)`` applies one update given
+    ``Z = grad f(X)`` at the current iterate, so :func:`scaled_gd` (one problem) and
+    :func:`scaled_gd_lockstep` (many problems sharing one sensing design, gradients in one
+    batched product) run the same update and record the same history."""
+
+    def __init__(self, problem: LowRankProblem, rank: int, *, eta: float = 0.5, damping: float = 0.0,
+                 maxiter: int = 1000, tol: float = 1e-10, init="spectral", init_scale: float = 1e-3,
+                 psd: bool | None = None, preconditioned: bool = True, sigma_max: float | None = None,
+                 seed: int = 0, callback: Callable[[int, tuple], None] | None = None) -> None:
+        if not (math.isfinite(eta) and eta > 0):
+            raise ValueError(f"eta must be a positive finite step size, got {eta}.")
+        if not (math.isfinite(float(damping)) and damping >= 0):
+            raise ValueError(f"damping (lambda) must be >= 0, got {damping}.")
+        if int(maxiter) < 0:
+            raise ValueError(f"maxiter must be >= 0, got {maxiter}.")
+        psd = problem.symmetric if psd is None else bool(psd)
+        n1, n2 = problem.shape
+        if psd and n1 != n2:
+            raise ValueError(f"psd=True needs a square problem, got {problem.shape}.")
+        dt, dev = problem.dtype, problem.device
+        if isinstance(init, str):
+            if init == "spectral":
+                factors = (spectral_init(problem, rank, psd=True),) if psd else spectral_init(problem, rank)
+            elif init == "random":
+                if not psd:
+                    raise ValueError("init='random' is the PSD ScaledGD(lambda) initialization; use psd=True.")
+                factors = (small_random_init(n1, rank, scale=init_scale, seed=seed, dtype=dt, device=dev),)
+            else:
+                raise ValueError(f"Unknown init {init!r}; use 'spectral', 'random' or a tuple of tensors.")
+        else:
+            factors = tuple(t.detach().clone().to(dtype=dt, device=dev) for t in init)
+        factors = tuple(factors)
+        _check_factors(factors, (n1,) if psd else (n1, n2), rank)
+        step = eta
+        if not preconditioned:
+            if sigma_max is None:
+                if problem.X_star is not None:
+                    sigma_max = float(torch.linalg.matrix_norm(problem.X_star, ord=2))
+                else:
+                    sigma_max = float(torch.linalg.matrix_norm(problem.spectral_matrix(), ord=2))
+            step = eta / sigma_max
+        self.problem, self.psd, self.step_size, self.damping = problem, psd, step, float(damping)
+        self.preconditioned, self.maxiter, self.tol, self.callback = preconditioned, int(maxiter), tol, callback
+        self.factors = factors
+        self.X = self._to_X(factors)
+        # with a known truth the stopping metric needs no pass over a sensing design; the loss
+        # of each iterate is then filled in from the residual of the next gradient (``loss=``)
+        self._lazy_loss = problem.X_star is not None
+        self.f0 = 0.0 if self._lazy_loss else problem.loss(torch.zeros(n1, n2, dtype=dt, device=dev))
+        err, loss = self._metric(self.X)
+        method = ("scaled_gd" if damping == 0 else "scaled_gd_lambda") if preconditioned else "gd"
+        self.result = ScaledGDResult(factors, self.X, 0, err <= tol, [err], [loss], [0.0], method=method)
+        self.elapsed = 0.0
+
+    def _to_X(self, fs):
+        return fs[0] @ fs[0].T if self.psd else fs[0] @ fs[1].T
+
+    def _metric(self, X: Tensor) -> tuple[float, float]:
+        if self._lazy_loss:
+            return self.problem.relative_error(X), math.nan
+        loss = self.problem.loss(X)
+        return (math.sqrt(max(loss, 0.0) / self.f0) if self.f0 > 0 else 0.0), loss
+
+    @property
+    def active(self) -> bool:
+        """More updates to do (not converged, not stopped, below ``maxiter``)."""
+        res = self.result
+        return not res.converged and not res.message and res.nit < self.maxiter
+
+    def step(self, Z: Tensor, loss: float | None = None) -> None:
+        """One update from ``Z = grad f(self.X)``; ``loss = f(self.X)`` if already known."""
+        res = self.result
+        if loss is not None and self._lazy_loss:
+            res.losses[-1] = float(loss)
+        t0 = time.perf_counter()
+        if self.psd:
+            (Y,) = self.factors
+            G = 0.5 * (Z + Z.T) @ Y
+            if self.preconditioned:
+                G = scaled_gd_preconditioner(Y, self.damping).apply(G)
+            new = (Y - self.step_size * G,)
+        else:
+            L, R = self.factors
+            GL, GR = Z @ R, Z.T @ L
+            if self.preconditioned:
+                GL = scaled_gd_preconditioner(R, self.damping, num_rows=L.shape[0]).apply(GL)
+                GR = scaled_gd_preconditioner(L, self.damping, num_rows=R.shape[0]).apply(GR)
+            new = (L - self.step_size * GL, R - self.step_size * GR)
+        self.elapsed += time.perf_counter() - t0
+        if not all(bool(torch.isfinite(t).all()) for t in new):
+            res.message = f"diverged at iteration {res.nit + 1} (non-finite iterate); returning the last finite one"
+            return
+        self.factors = new
+        self.X = self._to_X(new)
+        err, f = self._metric(self.X)
+        res.relative_errors.append(err)
+        res.losses.append(f)
+        res.times.append(self.elapsed)
+        res.nit += 1
+        res.converged = err <= self.tol
+        if self.callback is not None:
+            self.callback(res.nit, new)
+
+    def finish(self) -> ScaledGDResult:
+        res = self.result
+        if self._lazy_loss and math.isnan(res.losses[-1]):
+            res.losses[-1] = self.problem.loss(self.X)
+        res.factors, res.X = self.factors, self.X
+        if not res.message:
+            res.message = (f"relative error {res.relative_errors[-1]:.3e} <= tol {self.tol:g}" if res.converged
+                           else f"maxiter {self.maxiter} reached (relative error {res.relative_errors[-1]:.3e})")
+        return res
 
 
 def scaled_gd(problem: LowRankProblem, rank: int, *, eta: float = 0.5, damping: float = 0.0,
@@ -189,89 +298,74 @@ def scaled_gd(problem: LowRankProblem, rank: int, *, eta: float = 0.5, damping: 
         :class:`ScaledGDResult`.  The solver stops early (``converged=False``, message
         "diverged") if an iterate becomes non-finite; the last finite one is returned.
 
-    Cost per iteration: one ``residual_gradient`` (sensing: two passes over the
-    ``m x n1 n2`` design; completion: ``O(n1 n2 r)``), plus ``O((n1 + n2) r^2 + r^3)``
-    for the preconditioners, plus one loss/metric evaluation for the history.
+    Cost per iteration: one ``loss_and_gradient`` (sensing: two passes over the
+    ``m x n1 n2`` design, which also give the loss; completion: ``O(n1 n2 r)``), plus
+    ``O((n1 + n2) r^2 + r^3)`` for the preconditioners.  Without a truth ``X_star`` the
+    relative-residual metric costs one more pass per iteration.  To run several problems
+    that share one sensing design, use :func:`scaled_gd_lockstep`.
     """
-    if not (math.isfinite(eta) and eta > 0):
-        raise ValueError(f"eta must be a positive finite step size, got {eta}.")
-    if not (math.isfinite(float(damping)) and damping >= 0):
-        raise ValueError(f"damping (lambda) must be >= 0, got {damping}.")
-    if int(maxiter) < 0:
-        raise ValueError(f"maxiter must be >= 0, got {maxiter}.")
-    psd = problem.symmetric if psd is None else bool(psd)
-    n1, n2 = problem.shape
-    if psd and n1 != n2:
-        raise ValueError(f"psd=True needs a square problem, got {problem.shape}.")
-    dt, dev = problem.dtype, problem.device
-    if isinstance(init, str):
-        if init == "spectral":
-            factors = (spectral_init(problem, rank, psd=True),) if psd else spectral_init(problem, rank)
-        elif init == "random":
-            if not psd:
-                raise ValueError("init='random' is the PSD ScaledGD(lambda) initialization; use psd=True.")
-            factors = (small_random_init(n1, rank, scale=init_scale, seed=seed, dtype=dt, device=dev),)
-        else:
-            raise ValueError(f"Unknown init {init!r}; use 'spectral', 'random' or a tuple of tensors.")
-    else:
-        factors = tuple(t.detach().clone().to(dtype=dt, device=dev) for t in init)
-    factors = tuple(factors)
-    _check_factors(factors, (n1,) if psd else (n1, n2), rank)
-    step = eta
-    if not preconditioned:
-        if sigma_max is None:
-            if problem.X_star is not None:
-                sigma_max = float(torch.linalg.matrix_norm(problem.X_star, ord=2))
-            else:
-                sigma_max = float(torch.linalg.matrix_norm(problem.spectral_matrix(), ord=2))
-        step = eta / sigma_max
+    run = _Run(problem, rank, eta=eta, damping=damping, maxiter=maxiter, tol=tol, init=init,
+               init_scale=init_scale, psd=psd, preconditioned=preconditioned, sigma_max=sigma_max, seed=seed,
+               callback=callback)
+    while run.active:
+        loss, Z = problem.loss_and_gradient(run.X)
+        run.step(Z, loss)
+    return run.finish()
 
-    def to_X(fs):
-        return fs[0] @ fs[0].T if psd else fs[0] @ fs[1].T
 
-    f0 = problem.loss(torch.zeros(n1, n2, dtype=dt, device=dev)) if problem.X_star is None else 0.0
-    X = to_X(factors)
-    err, loss = _metric(problem, X, f0)
-    res = ScaledGDResult(factors, X, 0, err <= tol, [err], [loss], [0.0],
-                         method=("scaled_gd" if damping == 0 else "scaled_gd_lambda") if preconditioned else "gd")
-    elapsed = 0.0
-    for it in range(1, int(maxiter) + 1):
-        if res.converged:
+def scaled_gd_lockstep(problems: Sequence[MatrixSensingProblem], rank: int,
+                       runs: Sequence[dict]) -> list[ScaledGDResult]:
+    """Several :func:`scaled_gd` / :func:`factored_gd` runs on sensing problems that share one
+    design, advanced together so that each iteration reads the design twice for all of them.
+
+    ``A(X)`` and ``A*(r)`` of the runs still active are computed as one ``[m, n1 n2] @
+    [n1 n2, k]`` product each (memory-bound: about the cost of a single run's product),
+    instead of ``k`` separate passes.  The iterates, losses and errors are those of the
+    separate runs (the same floating-point operations up to the order of summation in
+    the matrix products).
+
+    Args:
+        problems: :class:`~solvers.matrix_problems.MatrixSensingProblem` s with the same
+            design (``p.same_design(problems[0])``; e.g. from
+            :func:`~solvers.matrix_problems.matrix_sensing_family`).
+        rank: factor width of every run.
+        runs: one dict per run: ``"problem"`` (index into ``problems``) plus the keyword
+            arguments of :func:`scaled_gd` (``preconditioned=False`` for GD; its ``eta`` is
+            then divided by ``sigma_max``, as in :func:`factored_gd`).
+
+    Returns:
+        one :class:`ScaledGDResult` per entry of ``runs``, in order.
+
+    Raises:
+        ValueError: problems with different designs, or a run naming no valid problem.
+    """
+    problems = list(problems)
+    if not problems:
+        raise ValueError("scaled_gd_lockstep needs at least one problem.")
+    for p in problems:
+        if not isinstance(p, MatrixSensingProblem) or not p.same_design(problems[0]):
+            raise ValueError("scaled_gd_lockstep needs sensing problems that share one design "
+                             "(build them with matrix_sensing_family); run the others with scaled_gd.")
+    states = []
+    for spec in runs:
+        spec = dict(spec)
+        idx = spec.pop("problem", None)
+        if not isinstance(idx, int) or not 0 <= idx < len(problems):
+            raise ValueError(f"each run needs 'problem': an index in [0, {len(problems)}), got {idx!r}.")
+        states.append((idx, _Run(problems[idx], rank, **spec)))
+    design = problems[0]
+    while True:
+        live = [(i, r) for i, r in states if r.active]
+        if not live:
             break
-        t0 = time.perf_counter()
-        Z = problem.residual_gradient(X)
-        if psd:
-            (Y,) = factors
-            G = 0.5 * (Z + Z.T) @ Y
-            if preconditioned:
-                G = scaled_gd_preconditioner(Y, damping).apply(G)
-            new = (Y - step * G,)
-        else:
-            L, R = factors
-            GL, GR = Z @ R, Z.T @ L
-            if preconditioned:
-                GL = scaled_gd_preconditioner(R, damping, num_rows=n1).apply(GL)
-                GR = scaled_gd_preconditioner(L, damping, num_rows=n2).apply(GR)
-            new = (L - step * GL, R - step * GR)
-        elapsed += time.perf_counter() - t0
-        if not all(bool(torch.isfinite(t).all()) for t in new):
-            res.message = f"diverged at iteration {it} (non-finite iterate); returning the last finite one"
-            break
-        factors = new
-        X = to_X(factors)
-        err, loss = _metric(problem, X, f0)
-        res.relative_errors.append(err)
-        res.losses.append(loss)
-        res.times.append(elapsed)
-        res.nit = it
-        res.converged = err <= tol
-        if callback is not None:
-            callback(it, factors)
-    res.factors, res.X = factors, X
-    if not res.message:
-        res.message = (f"relative error {res.relative_errors[-1]:.3e} <= tol {tol:g}" if res.converged
-                       else f"maxiter {maxiter} reached (relative error {res.relative_errors[-1]:.3e})")
-    return res
+        X = torch.stack([r.X for _, r in live])
+        Y = torch.stack([problems[i].y for i, _ in live])
+        residual = design.apply(X) - Y  # [k, m]
+        Z = design.adjoint(residual)  # [k, n1, n2]
+        losses = 0.5 * (residual * residual).sum(dim=1)
+        for k, (_, r) in enumerate(live):
+            r.step(Z[k], float(losses[k]))
+    return [r.finish() for _, r in states]
 
 
 def factored_gd(problem: LowRankProblem, rank: int, *, eta: float = 0.5, **kwargs) -> ScaledGDResult:

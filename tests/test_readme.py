@@ -43,7 +43,10 @@ def test_readme_snippets_run(tmp_path):
         script.write_text(prelude + code)
         proc = subprocess.run(
             [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
-            timeout=300, env={**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"},
+            timeout=300, env={**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1",
+                              # this checkout's packages, not whichever copy is installed
+                              "PYTHONPATH": os.pathsep.join([str(README.parent)] + (
+                                  [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))},
         )
         if proc.returncode != 0:
             pytest.fail(f"README snippet {i} ({first!r}) failed:\n{proc.stderr[-3000:]}")
