@@ -191,6 +191,20 @@ def section_sophia(data) -> Section:
                        "(official guidance 0.1-0.5).")
     if data.get("note"):
         s.lines.append(f"Note: {data['note']}")
+    study = data.get("rho_study")
+    if study:
+        s.lines.append(f"\nClipping scale: Sophia at larger rho ({study['seeds']} seeds each, "
+                       "`python examples/sophia_char_lm.py --rho-study`); the official 0.05 is above.\n")
+        s.lines.append("| rho | lr | final val loss (mean +- std) | final win rate | steps to target per seed |")
+        s.lines.append("| ---: | ---: | ---: | ---: | --- |")
+        for c in study["cells"]:
+            steps = ", ".join("not reached" if t is None else str(t) for t in c["steps_to_target"])
+            s.lines.append(f"| {c['rho']:g} | {c['lr']:g} | {c['final_val_loss_mean']:.3f} +- "
+                           f"{c['final_val_loss_std']:.3f} | {c['final_win_rate']:.3f} | {steps} |")
+        best = min(study["cells"], key=lambda c: c["final_val_loss_mean"])
+        s.lines.append(f"\nLarger rho brings the win rate into the official 0.1-0.5 band but not the loss down: the "
+                       f"best cell (rho {best['rho']:g}, lr {best['lr']:g}) ends at {best['final_val_loss_mean']:.3f}, "
+                       "no better than rho 0.05.")
     a, b = summ.get("adamw", {}), summ.get("sophia", {})
 
     def mean_steps(r):

@@ -18,6 +18,7 @@ structured word order.
     python examples/sophia_char_lm.py --fast        # seconds: tiny model, one lr, one seed (the test)
     python examples/sophia_char_lm.py               # the CPU sweep: 4 lrs x 3 seeds per optimizer (~12 CPU-minutes)
     python examples/sophia_char_lm.py --gpu         # a GPU-sized run (6 layers, d 384, block 256, 5000 steps)
+    python examples/sophia_char_lm.py --rho-study   # Sophia at rho 0.5 / 2 (3 lrs x 3 seeds), into sophia.json
 
 The sweep writes ``<out>/sophia.png`` (validation loss curves at each optimizer's best
 lr, and final loss against lr) and ``<out>/sophia.json`` (every run's curve, the best lr,
@@ -199,7 +200,7 @@ SETTINGS = {
 
 # ------------------------------------------------------------------------- training
 def run_training(opt_name: str, lr: float, setting: Setting | str = "cpu", seed: int = 0,
-                 steps: int | None = None) -> dict:
+                 steps: int | None = None, rho: float = 0.05) -> dict:
     """Train one model by the official recipe; returns its curves.
 
     Args:
@@ -208,6 +209,7 @@ def run_training(opt_name: str, lr: float, setting: Setting | str = "cpu", seed:
         setting: a :class:`Setting` or a key of :data:`SETTINGS`.
         seed: model initialisation, batch stream and GNB label sampling.
         steps: override the setting's number of steps.
+        rho: Sophia's clipping scale (the official GPT-2 configs' 0.05 by default).
 
     Returns:
         ``loss`` (training loss per step), ``val_step``/``val_loss`` (validation loss,
@@ -228,7 +230,7 @@ def run_training(opt_name: str, lr: float, setting: Setting | str = "cpu", seed:
 
     warmup = max(1, round(0.02 * steps))  # the official 2000 of 100000 iterations
     if opt_name == "sophia":
-        recipe = SophiaGRecipe(model, next_batch, lr=lr, rho=0.05, weight_decay=0.2, betas=(0.965, 0.99),
+        recipe = SophiaGRecipe(model, next_batch, lr=lr, rho=rho, weight_decay=0.2, betas=(0.965, 0.99),
                                update_interval=10, grad_clip=1.0, max_iters=steps, warmup_iters=warmup,
                                min_lr=lr / 40, seed=seed)
         opt = recipe.optimizer
@@ -299,6 +301,31 @@ def sweep(setting: Setting, *, log=print) -> dict:
             log(f"  {name:6s} lr={lr:<7g} final val loss {np.mean(finals):.4f} +- {np.std(finals):.4f} "
                 f"({setting.seeds} seeds, {np.mean([r['seconds'] for r in runs]):.0f} s/run)")
     return summarize(results)
+
+
+#: the clipping-scale study: Sophia at larger rho (win rates nearer the official 0.1-0.5 guidance)
+RHO_STUDY = {"rhos": (0.5, 2.0), "lrs": (1.5e-3, 3e-3, 6e-3)}
+
+
+def rho_study(setting: Setting, target: float | None, *, log=print) -> dict:
+    """Sophia over :data:`RHO_STUDY`'s rho x lr grid, ``setting.seeds`` seeds each; a summary per cell.
+
+    Each cell: mean/std of the final validation loss, the mean final win rate, and the
+    steps to ``target`` per seed (``None``: not reached).
+    """
+    cells = []
+    for rho in RHO_STUDY["rhos"]:
+        for lr in RHO_STUDY["lrs"]:
+            runs = [run_training("sophia", lr, setting, seed=sd, rho=rho) for sd in range(setting.seeds)]
+            finals = [r["val_loss"][-1] for r in runs]
+            cells.append({"rho": rho, "lr": lr, "final_val_loss_mean": float(np.mean(finals)),
+                          "final_val_loss_std": float(np.std(finals)),
+                          "final_win_rate": float(np.mean([r["win_rate"][-1] for r in runs])),
+                          "steps_to_target": [None if target is None else
+                                              steps_to_target(r["val_step"], r["val_loss"], target) for r in runs]})
+            log(f"  sophia rho={rho:<4g} lr={lr:<7g} final val loss {cells[-1]['final_val_loss_mean']:.4f} "
+                f"+- {cells[-1]['final_val_loss_std']:.4f}, win rate {cells[-1]['final_win_rate']:.3f}")
+    return {"cells": cells, "seeds": setting.seeds}
 
 
 def summarize(results: dict) -> dict:
@@ -379,6 +406,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", type=int, default=None, help="override the number of seeds")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (1: small model, shared CPU)")
     ap.add_argument("--out", default="docs/reproductions")
+    ap.add_argument("--rho-study", action="store_true",
+                    help="Sophia at rho 0.5 and 2 (lr 1.5e-3, 3e-3, 6e-3): adds 'rho_study' to <out>/sophia.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     setting = SETTINGS["fast" if args.fast else "gpu" if args.gpu else "cpu"]
@@ -389,6 +418,14 @@ def main(argv=None) -> dict:
                              "seeds": args.seeds or setting.seeds})
     print(f"setting {setting.name}: {setting.n_layer} layers, d={setting.n_embd}, {setting.batch}x{setting.block} "
           f"tokens/step, {setting.steps} steps, {setting.seeds} seed(s)", flush=True)
+    if args.rho_study:
+        path = Path(args.out) / "sophia.json"
+        results = json.loads(path.read_text()) if path.exists() else {}
+        results["rho_study"] = rho_study(setting, results.get("target_val_loss"), log=lambda m: print(m, flush=True))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1))
+        print(f"wrote the rho study into {path}")
+        return results
     cpu0, wall0 = time.process_time(), time.perf_counter()
     results = sweep(setting, log=lambda m: print(m, flush=True))
     results["cpu_seconds"], results["wall_seconds"] = time.process_time() - cpu0, time.perf_counter() - wall0
