@@ -47,6 +47,11 @@ from _harness import markdown_table, markers, replace_block  # noqa: E402
 # here run with no arguments and their standard output is kept.
 SCRIPTS = {
     "attention": (["--repeats", "7"], ["--repeats", "2", "--sizes", "small"], "attention", True),
+    "backpack": (["--repeats", "5"], ["--repeats", "1", "--models", "small"], "backpack", True),
+    "bookkeeping": (["--repeats", "3"], ["--repeats", "1", "--tasks",
+                                          "top_eigenvalues k=5 tol=1e-6,hutchinson_trace 100 probes"],
+                    "bookkeeping", False),
+    "distributed": (["--repeats", "5"], ["--repeats", "1"], "distributed", True),
     "compile": (["--repeats", "5"], ["--quick"], "compile", True),
     "ce_hessian": (["--repeats", "5"], ["--quick"], "ce_hessian", True),
     "estimators": (["--repeats", "3"], ["--quick"], "estimators", True),
