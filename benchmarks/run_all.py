@@ -65,9 +65,15 @@ SCRIPTS = {
 }
 
 
-def discover() -> list[str]:
-    """Names ``X`` of every ``benchmarks/bench_X.py``, sorted."""
-    return sorted(os.path.basename(p)[len("bench_"):-len(".py")] for p in glob.glob(os.path.join(HERE, "bench_*.py")))
+# Before/after scripts that compare against another checkout or commit (a worktree path, a
+# `curvature_base` copy): not part of the suite, run them by hand or with --only.
+ONE_OFF = {"losses_overhead", "overhead_ab"}
+
+
+def discover(include_one_off: bool = False) -> list[str]:
+    """Names ``X`` of every ``benchmarks/bench_X.py``, sorted (without :data:`ONE_OFF` unless asked)."""
+    names = sorted(os.path.basename(p)[len("bench_"):-len(".py")] for p in glob.glob(os.path.join(HERE, "bench_*.py")))
+    return names if include_one_off else [n for n in names if n not in ONE_OFF]
 
 
 def command(name: str, quick: bool, out_dir: str) -> tuple[list[str], str, bool]:
@@ -206,7 +212,7 @@ def main(argv=None) -> int:
         return 0 if inserted else 1
     if args.quick and args.timeout is None:
         args.timeout = 900.0
-    names = discover()
+    names = discover(include_one_off=bool(args.only))
     if args.only:
         wanted = args.only.split(",")
         unknown = sorted(set(wanted) - set(names))
