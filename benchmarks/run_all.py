@@ -47,6 +47,11 @@ from _harness import markdown_table, markers, replace_block  # noqa: E402
 # here run with no arguments and their standard output is kept.
 SCRIPTS = {
     "attention": (["--repeats", "7"], ["--repeats", "2", "--sizes", "small"], "attention", True),
+    "backpack": (["--repeats", "5"], ["--repeats", "1", "--models", "small"], "backpack", True),
+    "bookkeeping": (["--repeats", "3"], ["--repeats", "1", "--tasks",
+                                          "top_eigenvalues k=5 tol=1e-6,hutchinson_trace 100 probes"],
+                    "bookkeeping", False),
+    "distributed": (["--repeats", "5"], ["--repeats", "1"], "distributed", True),
     "compile": (["--repeats", "5"], ["--quick"], "compile", True),
     "ce_hessian": (["--repeats", "5"], ["--quick"], "ce_hessian", True),
     "estimators": (["--repeats", "3"], ["--quick"], "estimators", True),
@@ -61,9 +66,15 @@ SCRIPTS = {
 }
 
 
-def discover() -> list[str]:
-    """Names ``X`` of every ``benchmarks/bench_X.py``, sorted."""
-    return sorted(os.path.basename(p)[len("bench_"):-len(".py")] for p in glob.glob(os.path.join(HERE, "bench_*.py")))
+# Before/after scripts that compare against another checkout or commit (a worktree path, a
+# `curvature_base` copy): not part of the suite, run them by hand or with --only.
+ONE_OFF = {"losses_overhead", "overhead_ab"}
+
+
+def discover(include_one_off: bool = False) -> list[str]:
+    """Names ``X`` of every ``benchmarks/bench_X.py``, sorted (without :data:`ONE_OFF` unless asked)."""
+    names = sorted(os.path.basename(p)[len("bench_"):-len(".py")] for p in glob.glob(os.path.join(HERE, "bench_*.py")))
+    return names if include_one_off else [n for n in names if n not in ONE_OFF]
 
 
 def command(name: str, quick: bool, out_dir: str) -> tuple[list[str], str, bool]:
@@ -202,7 +213,7 @@ def main(argv=None) -> int:
         return 0 if inserted else 1
     if args.quick and args.timeout is None:
         args.timeout = 900.0
-    names = discover()
+    names = discover(include_one_off=bool(args.only))
     if args.only:
         wanted = args.only.split(",")
         unknown = sorted(set(wanted) - set(names))
