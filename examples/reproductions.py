@@ -328,7 +328,7 @@ def _stall_lines(s: Section, stall: dict, trace: dict | None = None) -> None:
                                f"{', '.join(f'{v:.1e}' for v in r['gram'][:rs_t])} | "
                                f"{', '.join(f'{v:.1e}' for v in r['gram'][rs_t:])} | {r['outside'][0]:.1e} |")
     s.lines.append("")
-    s.lines.append(STALL_CONCLUSION.get(stall["setting"], ""))
+    s.lines.append(_stall_conclusion(stall))
 
 
 def section_gns(data) -> Section:
@@ -414,8 +414,52 @@ AUTHORS_GNS_COUNTS = {
     ("rosenbrock", "p = 5 residual, gradient method"): 2132,
 }
 
-#: the conclusion drawn from the stall study's numbers (per setting; see REPRODUCTIONS.md)
-STALL_CONCLUSION = {"paper": "", "fast": ""}
+def _stall_conclusion(stall: dict) -> str:
+    """What the study's rows establish, with the numbers taken from them."""
+    c = stall["config"]
+    T, eta, rs = c["maxiter"], c["eta"], c["r_star"]
+    rows = stall["rows"]
+    stuck = [r for r in rows if r["iterations"] is None]
+    done = [r for r in rows if r["iterations"] is not None]
+    ratios = [r["gram_eigenvalues"][rs] / (r["lam"] * r["sigma_min"] / (2 * eta * T)) for r in stuck]
+    outside = [r["error_out"] / r["final_error"] for r in stuck]
+    text = []
+    if stuck:
+        text.append(
+            f"In the {len(stuck)} runs that stall, the error lies outside range(M*) ({min(outside):.0%}-"
+            f"{max(outside):.0%} of it) and in the overparameterized directions, whose YᵀY eigenvalues end at "
+            f"{min(ratios):.1f}-{max(ratios):.1f}x λ/(2ηT) instead of α²: they left the small-initialization scale, "
+            "and a direction below √λ then shrinks only sublinearly (s² falls no faster than λ/(2ηt)), so more "
+            "iterations barely help: where the eigenvalues sit at the envelope (ratio ≈ 1), the final error is set by "
+            "λ, not by α.")
+    by_m = {}
+    for r in rows:
+        by_m.setdefault(r["m"], {})[r["lam"]] = r
+    ok_m = sorted(m for m, d in by_m.items() if 1.0 in d and d[1.0]["iterations"] is not None)
+    bad_m = sorted(m for m, d in by_m.items() if 1.0 in d and d[1.0]["iterations"] is None)
+    if ok_m:
+        best = by_m[ok_m[0]][1.0]
+        text.append(
+            f"With λ = σ_min the cause is the measurement count: at m = {', '.join(map(str, bad_m)) or '-'} the run "
+            f"stalls, at m = {', '.join(map(str, ok_m))} it reaches {c['tol']:g} (at m = {ok_m[0]} in "
+            f"{best['iterations']} iterations, extra YᵀY eigenvalues "
+            f"{', '.join(f'{v:.0e}' for v in best['gram_eigenvalues'][rs:])}). The back-projection's error outside "
+            "range(M*), ‖QA*(y)Q‖, falls as m grows but stays above σ_min at every m tried: what matters is that the "
+            "operator's deviation from isometry, applied to the O(1) residual while the leading directions "
+            "saturate, no longer seeds the extra directions (see the trace).")
+    small = [r for r in rows if r["lam"] < 1.0]
+    if small and all(r["iterations"] is None for r in small):
+        text.append(
+            "A smaller damping makes it worse, not better: every run with λ < σ_min stalls, at every m, since the "
+            "preconditioned step η/λ amplifies the seeding; its final error is lower only because the sublinear "
+            "envelope λ/(2ηT) is.")
+    if stall["setting"] == "paper":
+        text.append(
+            "Not float precision (float64 throughout; the error is still falling through 1e-5 when the run stops) "
+            "and not the step size (η enters the envelope only as 1/η). The overparameterized panel above therefore "
+            "uses m = 40 n r*; at our earlier m = 10 n r* its κ = 100 check failed for this reason.")
+    return " ".join(text)
+
 
 BUILDERS = {"lazy_newton": section_lazy_newton, "cubic": section_cubic, "sophia": section_sophia,
             "scaled_gd": section_scaled_gd, "gns": section_gns, "eos": section_eos}
