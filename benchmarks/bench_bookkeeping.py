@@ -213,6 +213,8 @@ def mlp_targets(repeats: int) -> None:
         "ARPACK eigsh top-5 tol=1e-3": arpack(5),
         "ours top-1 tol=1e-6": ours(1),
         "ARPACK eigsh top-1 tol=1e-3": arpack(1),
+        "ours top-5 tol=1e-6 criterion='eigenvalue'": ours(5, criterion="eigenvalue"),
+        "ours top-1 tol=1e-6 criterion='eigenvalue'": ours(1, criterion="eigenvalue"),
         "ours top-5 tol=1e-6 warm (v0 = top-5 one SGD step earlier)": ours(5, v0=v_prev),
         "ours top-5 tol=1e-6 block_size=5": ours(5, block_size=5),
         "ours top-5 tol=1e-6 basis_dtype=float32": ours(5, basis_dtype=torch.float32),
@@ -244,10 +246,12 @@ def main() -> None:
     ap.add_argument("--tasks", default=",".join(list(TASKS) + list(NEW_TASKS)))
     ap.add_argument("--before", default=BEFORE, help="git revision for the 'before' column ('none' to skip)")
     ap.add_argument("--no-mlp", action="store_true", help="skip part 2 (the MLP Hessian)")
+    ap.add_argument("--no-bookkeeping", action="store_true", help="skip part 1 (the cheap operator)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     names = [t for t in list(TASKS) + list(NEW_TASKS) if t in args.tasks.split(",")]
-    bookkeeping(args.repeats, None if args.before == "none" else args.before, names)
+    if not args.no_bookkeeping:
+        bookkeeping(args.repeats, None if args.before == "none" else args.before, names)
     if not args.no_mlp:
         mlp_targets(args.repeats)
 

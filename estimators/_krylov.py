@@ -12,8 +12,9 @@ stored as rows so that the first ``m`` are one contiguous ``[m, n]`` block):
   ``H = sym(F)`` (upper triangle mirrored) is the projected matrix of Rayleigh-Ritz;
 * ``G [j, n]``: the residual block (float64), the next Lanczos block; ``C [m, j]``
   couples it to the basis (``[0; I]`` after a step, ``Y^T C`` after a restart);
-* ``E``: the rounding of the bookkeeping itself, bounded by ``drift`` (a running sum of
-  norms: the rounding of stored vectors, dropped residual columns, restart remainders).
+* ``E``: what the relation leaves out: the rounding of the bookkeeping (stored vectors,
+  eigh, restart rotations; modelled by :meth:`KrylovSchur.basis_rounding`) and residual
+  rows dropped as numerically dependent (their norms summed in ``drift``).
 
 For a Ritz pair ``(theta, y)`` of ``H``
 
@@ -33,10 +34,12 @@ the first removed more than 30% of the norm (the DGKS test; after the local recu
 
 Precision.  With a float32 basis the long dot products of the Gram-Schmidt pass are
 float32 (they only decide what is subtracted, and the relation holds for whatever was
-subtracted); the coefficients that the rounding measurement reads (the local recurrence
-and the new diagonal block) are accumulated in float64, and a restart rotates the basis
-in float64 before storing it back.  Storing a vector in float32 moves it by up to
-``u_32`` relative, which ``drift`` accounts for (``u_32 ||A||`` per restart).
+subtracted); the coefficients that the rounding measurement reads (the local recurrence,
+the new diagonal block, and ``q^T A v`` against ``v^T A q`` for consecutive blocks, with
+the previous block's products kept for it) are accumulated in float64, and a restart
+rotates the basis in float64 before storing it back.  Storing a vector in float32 moves
+it by up to ``u_32`` relative: ``basis_rounding`` models that as ``u_32 ||A||`` per
+restart (random-walk sum), and the caller adds it to the products' rounding.
 """
 
 from __future__ import annotations
@@ -108,6 +111,8 @@ class KrylovSchur:
         self.skew_count = 0
         self.exact_dots = basis_dtype == wdtype
         self.restarts = 0
+        self.W_prev: Tensor | None = None  # float32 basis: the last block's products (skew samples)
+        self.prev_rows = (0, 0)
         self.u_basis = torch.finfo(basis_dtype).eps / 2
 
     # ------------------------------------------------------------------ passes
@@ -169,14 +174,22 @@ class KrylovSchur:
             g -= rows_combine(Kact.T, Vs, wd)
             coef[lo:m] = Kact
             Kfull[lo:m] = K[lo:m]
-            if not self.exact_dots:
-                self._record_skew(Kact - K[lo:m])
+            if not self.exact_dots and self.W_prev is not None and self.prev_rows == (lo, m):
+                # float32 basis: the float32 Gram-Schmidt pass leaves the rows orthogonal to
+                # ~u_32 only, too little for the relation's coupling K to stand in for
+                # q^T A v (the skew sample is amplified by sqrt(n)); compare the two
+                # products directly instead, both accumulated in float64
+                self._record_skew(Kact - (Q @ self.W_prev.T).T)
         n0 = g.norm(dim=1)
         coef += self._cgs_pass(g, m + j)
         if bool((g.norm(dim=1) < 0.7 * n0).any()):
             coef += self._cgs_pass(g, m + j)
         if self.exact_dots:
-            self._record_skew(coef[:m] - Kfull)
+            # rows the relation couples to Q compare two products (v^T A q - q^T A v); the
+            # others compare one product with the relation's exact zero: half the variance
+            one_sided = torch.ones(m, 1, device=g.device, dtype=wd)
+            one_sided[lo:m] = 0 if K is not None else 1
+            self._record_skew((coef[:m] - Kfull) * (1 + one_sided * (math.sqrt(2) - 1)))
             blk = coef[m:]
         else:
             blk = Dcol
@@ -190,6 +203,8 @@ class KrylovSchur:
         self.H[m:m + j, m:m + j] = 0.5 * (coef[m:] + coef[m:].T)
         self.G = g
         self.GG = g @ g.T
+        if not self.exact_dots:
+            self.W_prev, self.prev_rows = Wr, (m, m + j)
         self.C = Wr.new_zeros(self.mb, j)
         self.C[m:m + j] = torch.eye(j, device=Wr.device, dtype=wd)
         self.lo = m
@@ -268,6 +283,7 @@ class KrylovSchur:
         # and eigh's rounding; the rotated rows are rounded once: both in basis_rounding
         Fk = Yk.T @ self.F[:m, :m] @ Yk
         self.restarts += 1
+        self.W_prev = None
         Hk = Yk.T @ self.H[:m, :m] @ Yk
         self.H.zero_()
         self.F.zero_()

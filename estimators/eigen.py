@@ -130,6 +130,11 @@ def _error_bounds(theta_sel: Tensor, theta_all: Tensor, res: Tensor, rounding: f
     return torch.minimum(rt, kato_temple)
 
 
+def _keep(k: int, mb: int, b: int) -> int:
+    """Ritz vectors kept at a restart of a ``mb``-vector basis: the wanted ``k`` and half the rest."""
+    return min(mb - b, max(k, k + (mb - k) // 2))
+
+
 def _more_wanted(a: float, b: float, which: str, margin: float) -> bool:
     """Whether ``a`` is more wanted than ``b`` by more than ``margin``."""
     if which == "LA":
@@ -375,7 +380,7 @@ def top_eigenvalues(
             break
         # ---- restart: keep the most wanted Ritz vectors (the relation carries them exactly)
         if m + ks.G.shape[0] > mb or (breakdown and m + b > mb):
-            keep = min(mb - b, max(k, k + (mb - k) // 2))
+            keep = _keep(k, mb, b)
             ks.restart(Y[:, order[:keep]])
             restarts += 1
         budget_left = budget - (op.num_matvecs - before)
