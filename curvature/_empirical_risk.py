@@ -315,6 +315,22 @@ def _fingerprint(inputs: ModelInputs, y, device: torch.device) -> Tensor:
                       _group_sketch(tensor_leaves(y), device)])
 
 
+def _finite_sums(inputs: ModelInputs, y, device: torch.device) -> Tensor:
+    """``[inputs' sum, targets' sum]`` (float64 on ``device``): sums of the floating leaves, in their dtype.
+
+    The cheap NaN / inf screen of a single batch (which has no pass-to-pass check, so
+    no fingerprint is needed): a finite sum means finite entries; a non-finite one means
+    NaN / inf, or an overflowing sum of finite entries, which :class:`BatchLoop` then tells
+    apart with :func:`_fingerprint`.  Cost: one reduction per floating leaf; no host sync.
+    """
+    out = []
+    for leaves in (tensor_leaves((inputs.args, inputs.kwargs)), tensor_leaves(y)):
+        parts = [(torch.view_as_real(t) if t.is_complex() else t).detach().sum().to(device, torch.float64)
+                 for t in leaves if t.is_floating_point() or t.is_complex()]
+        out.append(torch.stack(parts).sum() if parts else torch.zeros((), dtype=torch.float64, device=device))
+    return torch.stack(out)
+
+
 def _close(a: float, b: float, scale: float) -> bool:
     return abs(a - b) <= 1e-9 * (abs(scale) + 1.0)
 
@@ -414,7 +430,9 @@ class BatchLoop:
     moved examples), changed batch sizes or counts, NaN / inf (``ValueError`` naming the batch
     and inputs or targets, also at construction).  Not detected: changes below 1e-9 relative
     to the batch's scale, changes to non-tensor parts of a batch, and what the accepted
-    reorderings above allow.  Passes leave torch's global RNG as they found it
+    reorderings above allow.  A single batch (a pair ``(X, y)``, not a list of batches) has
+    nothing to compare between passes: its construction scan only screens it for NaN / inf
+    (one sum per floating tensor, :func:`_finite_sums`).  Passes leave torch's global RNG as they found it
     (:class:`_PrivateRNG`).
 
     Args:
@@ -456,7 +474,8 @@ class BatchLoop:
         with self.shards.agreement(signature, self.device) as counts:
             for X, y in self._raw():  # one pass: fingerprints and the mean's denominators
                 sizes.append(X.batch_size)
-                sums.append(_fingerprint(X, y, self.device))
+                # a single batch is never compared between passes: a NaN / inf screen suffices
+                sums.append(_finite_sums(X, y, self.device) if self.single else _fingerprint(X, y, self.device))
                 try:
                     denominators.append(self.denominator(X, y) if reduction == "mean" else 1.0)
                 except MeanDenominatorError as err:  # fatal only when batches must be combined
@@ -478,9 +497,15 @@ class BatchLoop:
         self.num_batches = int(counts.totals[1])
         # the mean's total denominator (examples, or non-ignored / class-weighted targets)
         self.total_denominator = float(counts.totals[2])
-        self._batch_fps = _read(sizes, sums)
-        _check_finite(self._batch_fps)
-        self._total_fp = _total(self._batch_fps)
+        if self.single:
+            if not all(math.isfinite(v) for v in torch.stack(sums).view(-1).tolist()):  # NaN / inf, or overflow
+                X, y = next(iter(self._raw()))
+                _check_finite(_read(sizes, [_fingerprint(X, y, self.device)]))
+            self._batch_fps = self._total_fp = None  # nothing to compare: a single batch's passes are not checked
+        else:
+            self._batch_fps = _read(sizes, sums)
+            _check_finite(self._batch_fps)
+            self._total_fp = _total(self._batch_fps)
 
     def _raw(self) -> Iterable[tuple[ModelInputs, object]]:
         """``(inputs, target)`` of every batch, on the device; data loading on a private RNG."""

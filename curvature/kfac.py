@@ -80,7 +80,8 @@ _ALIASES = {"exact": "kflr", "mc": "kfac"}
 
 
 def _symmetrized(F: Tensor) -> Tensor:
-    return 0.5 * (F + F.T)  # exactly symmetric (matmul rounding may leave ~eps asymmetry)
+    """``(F + F^T) / 2``, exactly symmetric (matmul rounding may leave ~eps asymmetry); one new tensor."""
+    return torch.add(F, F.T).mul_(0.5)
 
 
 def check_kfac_args(model, loss_fn, data, params, *, kind: str, mc_samples: int, seed, mode: str, approx: str,
