@@ -321,14 +321,18 @@ def _finite_sums(inputs: ModelInputs, y, device: torch.device) -> Tensor:
     The cheap NaN / inf screen of a single batch (which has no pass-to-pass check, so
     no fingerprint is needed): a finite sum means finite entries; a non-finite one means
     NaN / inf, or an overflowing sum of finite entries, which :class:`BatchLoop` then tells
-    apart with :func:`_fingerprint`.  Cost: one reduction per floating leaf; no host sync.
+    apart entry by entry.  Cost: one reduction per floating leaf; no host sync.
     """
     out = []
-    for leaves in (tensor_leaves((inputs.args, inputs.kwargs)), tensor_leaves(y)):
+    for leaves in _groups(inputs, y):
         parts = [(torch.view_as_real(t) if t.is_complex() else t).detach().sum().to(device, torch.float64)
                  for t in leaves if t.is_floating_point() or t.is_complex()]
         out.append(torch.stack(parts).sum() if parts else torch.zeros((), dtype=torch.float64, device=device))
     return torch.stack(out)
+
+
+def _groups(inputs: ModelInputs, y) -> tuple[list[Tensor], list[Tensor]]:
+    return tensor_leaves((inputs.args, inputs.kwargs)), tensor_leaves(y)
 
 
 def _close(a: float, b: float, scale: float) -> bool:
@@ -363,15 +367,17 @@ def _total(fps: list[tuple]) -> tuple:
     return (sum(f[0] for f in fps), *[float(math.fsum(col)) for col in list(zip(*fps))[1:]])
 
 
+def _nonfinite_data(batch_index: int, what: str) -> ValueError:
+    return ValueError(f"Batch {batch_index} contains NaN or inf in its {what}: the curvature would be NaN. "
+                      "Clean or filter the data (torch.isfinite) before computing curvature.")
+
+
 def _check_finite(fps: list[tuple], first_index: int = 0) -> None:
     """``ValueError`` naming the first batch whose inputs or targets hold NaN / inf."""
     for b, fp in enumerate(fps, start=first_index):
         for g, what in ((1, "inputs"), (1 + _FP_WIDTH, "targets")):
             if not (math.isfinite(fp[g]) and math.isfinite(fp[g + _FP_WIDTH - 1])):
-                raise ValueError(
-                    f"Batch {b} contains NaN or inf in its {what}: the curvature would be NaN. "
-                    "Clean or filter the data (torch.isfinite) before computing curvature."
-                )
+                raise _nonfinite_data(b, what)
 
 
 class _PrivateRNG:
@@ -499,8 +505,9 @@ class BatchLoop:
         self.total_denominator = float(counts.totals[2])
         if self.single:
             if not all(math.isfinite(v) for v in torch.stack(sums).view(-1).tolist()):  # NaN / inf, or overflow
-                X, y = next(iter(self._raw()))
-                _check_finite(_read(sizes, [_fingerprint(X, y, self.device)]))
+                for leaves, what in zip(_groups(X, y), ("inputs", "targets")):
+                    if not all(bool(torch.isfinite(t).all()) for t in leaves):
+                        raise _nonfinite_data(0, what)
             self._batch_fps = self._total_fp = None  # nothing to compare: a single batch's passes are not checked
         else:
             self._batch_fps = _read(sizes, sums)

@@ -125,6 +125,11 @@ class KroneckerOperator(MatrixLayoutOperator):
         param_shapes: shapes of the parameters the flat vector stacks (default
             ``[(p, q)]``, or ``[(p, q - 1), (p,)]`` with ``with_bias``); only their
             total size must match.
+        symmetric: whether both factors are symmetric.  ``None`` (default) checks it
+            (``A = A^T`` and ``B = B^T`` to ``64 eps`` of their largest entry, one
+            comparison per factor); ``True`` / ``False`` is the caller's knowledge, not
+            checked: pass ``True`` only for factors symmetric by construction (those of
+            :func:`curvature.kfac` are symmetrized exactly; :meth:`damped` passes on its own flag).
 
     Raises:
         ValueError: factors not square 2-d, ``with_bias`` with ``q < 2``, or
@@ -133,7 +138,7 @@ class KroneckerOperator(MatrixLayoutOperator):
     """
 
     def __init__(self, A: Tensor, B: Tensor, *, shift: float = 0.0, with_bias: bool = False,
-                 param_shapes: Sequence[torch.Size] | None = None) -> None:
+                 param_shapes: Sequence[torch.Size] | None = None, symmetric: bool | None = None) -> None:
         for name, F in (("A", A), ("B", B)):
             if not isinstance(F, Tensor) or F.dim() != 2 or F.shape[0] != F.shape[1]:
                 raise ValueError(f"Kronecker factor {name} must be a square 2-d tensor, got "
@@ -146,7 +151,7 @@ class KroneckerOperator(MatrixLayoutOperator):
         for name, F in (("A", A), ("B", B)):
             if not all_finite(F):
                 raise ValueError(f"Kronecker factor {name} has NaN/inf entries (non-finite parameters or data?).")
-        sym = _is_sym(A) and _is_sym(B)
+        sym = (_is_sym(A) and _is_sym(B)) if symmetric is None else bool(symmetric)
         super().__init__(A.shape[0], B.shape[0], dtype=A.dtype, device=A.device, is_symmetric=sym,
                          with_bias=with_bias, param_shapes=param_shapes)
         self.A, self.B, self.shift = A, B, float(shift)
@@ -220,7 +225,7 @@ class KroneckerOperator(MatrixLayoutOperator):
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}.")
         if mode == "exact":
             return KroneckerOperator(self.A, self.B, shift=self.shift + lam, with_bias=self.with_bias,
-                                     param_shapes=self.param_shapes)
+                                     param_shapes=self.param_shapes, symmetric=self.is_symmetric)
         pi = 1.0
         if mode == "factored_pi":
             ta, tb = float(torch.trace(self.A)) / self.p, float(torch.trace(self.B)) / self.q
@@ -229,7 +234,8 @@ class KroneckerOperator(MatrixLayoutOperator):
         Ia = torch.eye(self.p, dtype=self.dtype, device=self.device)
         Ib = torch.eye(self.q, dtype=self.dtype, device=self.device)
         return KroneckerOperator(self.A + pi * r * Ia, self.B + (r / pi) * Ib, shift=self.shift,
-                                 with_bias=self.with_bias, param_shapes=self.param_shapes)
+                                 with_bias=self.with_bias, param_shapes=self.param_shapes,
+                                 symmetric=self.is_symmetric)  # A + c I is symmetric iff A is
 
     def to_dense(self, chunk_size: int = 256) -> Tensor:
         D = self._permute_dense(torch.kron(self.A, self.B))
