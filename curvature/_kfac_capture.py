@@ -193,6 +193,7 @@ def _check_coverage(blocks, params_by_name, inputs, grads0, pgrads) -> None:
     ``0.1 sqrt(eps)`` is relative to ``|g|^T (|x| |v|)`` (the sum of the absolute terms,
     which bounds the rounding of either side).  A bias block compares ``sum_rows g``.
     """
+    gaps = []  # per block: max |rebuilt - truth| and the rounding scale, read back at once
     for i, blk in enumerate(blocks):
         g = grads0[i].reshape(-1, grads0[i].shape[-1])
         truth = [pgrads[n] for n in blk.param_names]
@@ -209,9 +210,11 @@ def _check_coverage(blocks, params_by_name, inputs, grads0, pgrads) -> None:
             else:
                 truth = truth[0].reshape(g.shape[1], -1) @ v
             scale = g.abs().T @ (x.abs() @ v.abs())
-        eps = torch.finfo(rebuilt.dtype).eps
-        dev, bound = torch.stack([(rebuilt - truth).abs().max(), scale.max()]).tolist()  # one host sync
-        if dev > math.sqrt(eps) * 1e-1 * max(bound, torch.finfo(rebuilt.dtype).tiny):
+        gaps += [(rebuilt - truth).abs().max(), scale.max()]
+    values = torch.stack([t.to(gaps[0].device) for t in gaps]).tolist()  # one host sync
+    info = torch.finfo(grads0[0].dtype)
+    for blk, dev, bound in zip(blocks, values[0::2], values[1::2]):
+        if dev > math.sqrt(info.eps) * 1e-1 * max(bound, info.tiny):
             raise ValueError(
                 f"kfac: the gradient of {blk.param_names} is not the sum over the calls of module(s) {blk.modules}: "
                 "the parameter is also used outside them (a functional call such as F.linear(x, self.weight) "

@@ -147,6 +147,8 @@ def batch_seed(seed: int, batch_index: int) -> int:
 
 def check_finite_params(names, tensors, caller: str) -> None:
     """Raise ``ValueError`` naming the parameters with NaN/inf entries (before any computation)."""
+    if all_finite(*tensors):  # one host sync
+        return
     bad = [n for n, p in zip(names, tensors) if not all_finite(p)]
     if bad:
         raise ValueError(f"{caller}: parameter(s) {bad} have NaN/inf entries; the curvature is undefined. "

@@ -148,9 +148,9 @@ class KroneckerOperator(MatrixLayoutOperator):
                             f"B is {B.dtype} on {B.device}.")
         if not math.isfinite(float(shift)):
             raise ValueError(f"shift must be finite, got {shift}.")
-        for name, F in (("A", A), ("B", B)):
-            if not all_finite(F):
-                raise ValueError(f"Kronecker factor {name} has NaN/inf entries (non-finite parameters or data?).")
+        if not all_finite(A, B):  # one host sync for both
+            name = "B" if all_finite(A) else "A"
+            raise ValueError(f"Kronecker factor {name} has NaN/inf entries (non-finite parameters or data?).")
         sym = (_is_sym(A) and _is_sym(B)) if symmetric is None else bool(symmetric)
         super().__init__(A.shape[0], B.shape[0], dtype=A.dtype, device=A.device, is_symmetric=sym,
                          with_bias=with_bias, param_shapes=param_shapes)

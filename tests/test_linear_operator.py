@@ -326,3 +326,6 @@ def test_all_finite_decides_by_one_sum_and_falls_back_when_the_sum_overflows():
     assert all_finite(torch.arange(5)) and all_finite(torch.empty(0)) and all_finite(torch.zeros(2, dtype=torch.complex64))
     assert not all_finite(torch.tensor([complex(1.0, float("nan"))]))
     assert all_finite(torch.ones(3, requires_grad=True))
+    # several tensors, one read: mixed dtypes, and the non-finite one among finite ones
+    assert all_finite(x, torch.ones(2, dtype=torch.float64), torch.arange(3), big)
+    assert not all_finite(x, torch.tensor([1.0, float("nan")], dtype=torch.float64)) and all_finite()
