@@ -18,14 +18,20 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
+import sys
 import time
 import warnings
 
-import torch
-from torch import nn
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # benchmark the checkout this script lives in (not the editable install)
+    sys.path.insert(0, REPO)
 
-import curvature
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import curvature  # noqa: E402
 
 
 def make(kind: str):

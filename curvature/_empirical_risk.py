@@ -344,6 +344,26 @@ def _fingerprint(inputs: ModelInputs, y, device: torch.device) -> Tensor:
                       _group_sketch(tensor_leaves(y), device)])
 
 
+def _finite_sums(inputs: ModelInputs, y, device: torch.device) -> Tensor:
+    """``[inputs' sum, targets' sum]`` (float64 on ``device``): sums of the floating leaves, in their dtype.
+
+    The cheap NaN / inf screen of a single batch (which has no pass-to-pass check, so
+    no fingerprint is needed): a finite sum means finite entries; a non-finite one means
+    NaN / inf, or an overflowing sum of finite entries, which :class:`BatchLoop` then tells
+    apart entry by entry.  Cost: one reduction per floating leaf; no host sync.
+    """
+    out = []
+    for leaves in _groups(inputs, y):
+        parts = [(torch.view_as_real(t) if t.is_complex() else t).detach().sum().to(device, torch.float64)
+                 for t in leaves if t.is_floating_point() or t.is_complex()]
+        out.append(torch.stack(parts).sum() if parts else torch.zeros((), dtype=torch.float64, device=device))
+    return torch.stack(out)
+
+
+def _groups(inputs: ModelInputs, y) -> tuple[list[Tensor], list[Tensor]]:
+    return tensor_leaves((inputs.args, inputs.kwargs)), tensor_leaves(y)
+
+
 def _close(a: float, b: float, scale: float) -> bool:
     return abs(a - b) <= 1e-9 * (abs(scale) + 1.0)
 
@@ -376,15 +396,17 @@ def _total(fps: list[tuple]) -> tuple:
     return (sum(f[0] for f in fps), *[float(math.fsum(col)) for col in list(zip(*fps))[1:]])
 
 
+def _nonfinite_data(batch_index: int, what: str) -> ValueError:
+    return ValueError(f"Batch {batch_index} contains NaN or inf in its {what}: the curvature would be NaN. "
+                      "Clean or filter the data (torch.isfinite) before computing curvature.")
+
+
 def _check_finite(fps: list[tuple], first_index: int = 0) -> None:
     """``ValueError`` naming the first batch whose inputs or targets hold NaN / inf."""
     for b, fp in enumerate(fps, start=first_index):
         for g, what in ((1, "inputs"), (1 + _FP_WIDTH, "targets")):
             if not (math.isfinite(fp[g]) and math.isfinite(fp[g + _FP_WIDTH - 1])):
-                raise ValueError(
-                    f"Batch {b} contains NaN or inf in its {what}: the curvature would be NaN. "
-                    "Clean or filter the data (torch.isfinite) before computing curvature."
-                )
+                raise _nonfinite_data(b, what)
 
 
 class _PrivateRNG:
@@ -455,7 +477,9 @@ class BatchLoop:
     moved examples), changed batch sizes or counts, NaN / inf (``ValueError`` naming the batch
     and inputs or targets, also at construction).  Not detected: changes below 1e-9 relative
     to the batch's scale, changes to non-tensor parts of a batch, and what the accepted
-    reorderings above allow.  Passes leave torch's global RNG as they found it
+    reorderings above allow.  A single batch (a pair ``(X, y)``, not a list of batches) has
+    nothing to compare between passes: its construction scan only screens it for NaN / inf
+    (one sum per floating tensor, :func:`_finite_sums`).  Passes leave torch's global RNG as they found it
     (:class:`_PrivateRNG`).
 
     Args:
@@ -497,7 +521,8 @@ class BatchLoop:
         with self.shards.agreement(signature, self.device) as counts:
             for X, y in self._raw():  # one pass: fingerprints and the mean's denominators
                 sizes.append(X.batch_size)
-                sums.append(_fingerprint(X, y, self.device))
+                # a single batch is never compared between passes: a NaN / inf screen suffices
+                sums.append(_finite_sums(X, y, self.device) if self.single else _fingerprint(X, y, self.device))
                 try:
                     denominators.append(self.denominator(X, y) if reduction == "mean" else 1.0)
                 except MeanDenominatorError as err:  # fatal only when batches must be combined
@@ -521,9 +546,16 @@ class BatchLoop:
         self.num_batches = int(counts.totals[1])
         # the mean's total denominator (examples, or non-ignored / class-weighted targets)
         self.total_denominator = float(counts.totals[2])
-        self._batch_fps = _read(sizes, sums)
-        _check_finite(self._batch_fps)
-        self._total_fp = _total(self._batch_fps)
+        if self.single:
+            if not all(math.isfinite(v) for v in torch.stack(sums).view(-1).tolist()):  # NaN / inf, or overflow
+                for leaves, what in zip(_groups(X, y), ("inputs", "targets")):
+                    if not all(bool(torch.isfinite(t).all()) for t in leaves):
+                        raise _nonfinite_data(0, what)
+            self._batch_fps = self._total_fp = None  # nothing to compare: a single batch's passes are not checked
+        else:
+            self._batch_fps = _read(sizes, sums)
+            _check_finite(self._batch_fps)
+            self._total_fp = _total(self._batch_fps)
 
     def _raw(self) -> Iterable[tuple[ModelInputs, object]]:
         """``(inputs, target)`` of every batch, on the device; data loading on a private RNG."""

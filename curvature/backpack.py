@@ -40,6 +40,7 @@ from torch import nn
 from . import distributed
 from ._empirical_risk import BatchLoop, check_loss, forward, model_state, resolve_params
 from .losses import mean_denominator
+from .linear_operator import all_finite
 from .structured import DiagonalOperator
 
 __all__ = ["ggn_diagonal", "hessian_diagonal"]
@@ -106,7 +107,7 @@ def _extended_copies(model: nn.Module, loss_fn, names, check=None, check_key=Non
             memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
         for b in model.buffers():
             memo[id(b)] = b
-        work = backpack.extend(copy.deepcopy(model, memo))
+        work = backpack.extend(copy.deepcopy(model, memo)).eval()  # the copy stays in eval mode (see _mode)
         entry = {"key": key, "work": work, "named": dict(work.named_parameters()), "losses": {},
                  "checked": {check_key}}
         _EXTENDED[model] = entry
@@ -147,7 +148,9 @@ def batch_seed(seed: int, batch_index: int) -> int:
 
 def check_finite_params(names, tensors, caller: str) -> None:
     """Raise ``ValueError`` naming the parameters with NaN/inf entries (before any computation)."""
-    bad = [n for n, p in zip(names, tensors) if not bool(torch.isfinite(p.detach()).all())]
+    if all_finite(*tensors):  # one host sync
+        return
+    bad = [n for n, p in zip(names, tensors) if not all_finite(p)]
     if bad:
         raise ValueError(f"{caller}: parameter(s) {bad} have NaN/inf entries; the curvature is undefined. "
                          "Check the training run that produced them (learning rate, loss scale).")
@@ -155,17 +158,35 @@ def check_finite_params(names, tensors, caller: str) -> None:
 
 @contextlib.contextmanager
 def _seeded_batch(seed: int | None, batch_index: int, device: torch.device):
-    """Fork the global RNG (and the CUDA one of ``device``) seeded from ``(seed, batch_index)``; ``None``: no-op."""
+    """Seed torch's generator of ``device`` from ``(seed, batch_index)`` inside, restore it after; ``None``: no-op.
+
+    BackPACK's ``DiagGGNMC`` samples with the global generator of the output's device (it
+    takes no generator argument), so that one generator is saved, seeded and put back (the
+    CPU generator is saved too on CUDA: nothing else is touched).  Cost: two copies of the
+    generator state (5 KB on the CPU) per batch.
+    """
     if seed is None:  # nothing random in this extension
         yield
         return
-    rng_devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices):
-        s = batch_seed(seed, batch_index)
-        torch.default_generator.manual_seed(s)  # not torch.manual_seed: it also seeds every other backend
-        if device.type == "cuda":
-            torch.cuda.manual_seed(s)
+    gens = [torch.default_generator]
+    if device.type == "cuda":
+        gens.append(torch.cuda.default_generators[device.index if device.index is not None
+                                                  else torch.cuda.current_device()])
+    states = [g.get_state() for g in gens]
+    s = batch_seed(seed, batch_index)
+    try:
+        for g in gens:
+            g.manual_seed(s)  # not torch.manual_seed: it also seeds every other backend
         yield
+    finally:
+        for g, state in zip(gens, states):
+            g.set_state(state)
+
+
+def _mode(work: nn.Module, mode: str):
+    """The model state of a pass on the cached copy ``work``: eval is its permanent state (nothing to
+    set or restore); train mode goes through :func:`model_state` (buffers restored after each pass)."""
+    return contextlib.nullcontext() if mode == "eval" else model_state(work, mode)
 
 
 def _backpack_passes(loop: BatchLoop, work: nn.Module, lf, ext, named: dict, names: list[str],
@@ -181,7 +202,7 @@ def _backpack_passes(loop: BatchLoop, work: nn.Module, lf, ext, named: dict, nam
     import backpack
 
     for b, X, y, w in loop:
-        with _seeded_batch(seed, b, device), model_state(work, mode), torch.enable_grad():
+        with _seeded_batch(seed, b, device), _mode(work, mode), torch.enable_grad():
             z = forward(work, X, loop.adapter, device)
             check_output(z, y)
             loss = lf(z, y)
@@ -336,7 +357,7 @@ def _backpack_diagonal(model, loss_fn, data, params, extension_name: str, attrib
         for _, _, w, values in passes:
             for a, value in zip(acc, values):
                 a.add_(value.detach().reshape(-1), alpha=w)
-    if not bool(torch.isfinite(diag).all()):  # one check on the result instead of one per parameter
+    if not all_finite(diag):  # one check on the result instead of one per parameter
         check_finite_params(names, chosen, extension_name)
         raise ValueError(f"{extension_name}: the diagonal has NaN/inf entries although the parameters are finite; "
                          "check the data for NaN/inf (or an overflowing loss).")

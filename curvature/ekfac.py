@@ -36,6 +36,7 @@ from ._kfac_capture import capture_rows
 from .backpack import batch_seed
 from .kfac import accumulate_factors, check_kfac_args, factor_sizes
 from .kronecker import LayerBlockOperator, MatrixLayoutOperator
+from .linear_operator import all_finite
 
 __all__ = ["EKFACBlock", "EKFACOperator", "ekfac"]
 
@@ -59,7 +60,7 @@ class EKFACBlock(MatrixLayoutOperator):
                              f"{tuple(QB.shape)}, {tuple(scales.shape)}.")
         if not math.isfinite(float(shift)):
             raise ValueError(f"shift must be finite, got {shift}.")
-        if not bool(torch.isfinite(scales).all()):
+        if not all_finite(scales):
             raise ValueError("EKFACBlock: the eigenvalue corrections have NaN/inf entries.")
         super().__init__(p, q, dtype=scales.dtype, device=scales.device, is_symmetric=True, with_bias=with_bias,
                          param_shapes=param_shapes)

@@ -43,7 +43,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .linear_operator import LinearOperator
+from .linear_operator import LinearOperator, all_finite
 from .structured import BlockDiagonalOperator
 
 __all__ = ["MatrixLayoutOperator", "KroneckerOperator", "LayerBlockOperator", "KFACOperator"]
@@ -52,9 +52,14 @@ _MODES = ("exact", "factored", "factored_pi")
 
 
 def _is_sym(M: Tensor) -> bool:
-    scale = float(M.abs().max()) if M.numel() else 0.0
-    eps = torch.finfo(M.dtype).eps if M.is_floating_point() else 0.0
-    return bool(torch.allclose(M, M.T, rtol=0.0, atol=64 * eps * max(scale, 1e-300)))
+    """``M`` equals ``M^T`` up to ``64 eps max|M|``; exactly symmetric factors (K-FAC's) cost one comparison."""
+    if torch.equal(M, M.T):
+        return True
+    if not M.is_floating_point():
+        return False
+    eps = torch.finfo(M.dtype).eps
+    dev, scale = torch.stack([(M - M.T).abs().max(), M.abs().max()]).tolist()  # one host sync
+    return dev <= 64 * eps * max(scale, 1e-300)
 
 
 class MatrixLayoutOperator(LinearOperator):
@@ -120,6 +125,11 @@ class KroneckerOperator(MatrixLayoutOperator):
         param_shapes: shapes of the parameters the flat vector stacks (default
             ``[(p, q)]``, or ``[(p, q - 1), (p,)]`` with ``with_bias``); only their
             total size must match.
+        symmetric: whether both factors are symmetric.  ``None`` (default) checks it
+            (``A = A^T`` and ``B = B^T`` to ``64 eps`` of their largest entry, one
+            comparison per factor); ``True`` / ``False`` is the caller's knowledge, not
+            checked: pass ``True`` only for factors symmetric by construction (those of
+            :func:`curvature.kfac` are symmetrized exactly; :meth:`damped` passes on its own flag).
 
     Raises:
         ValueError: factors not square 2-d, ``with_bias`` with ``q < 2``, or
@@ -128,7 +138,7 @@ class KroneckerOperator(MatrixLayoutOperator):
     """
 
     def __init__(self, A: Tensor, B: Tensor, *, shift: float = 0.0, with_bias: bool = False,
-                 param_shapes: Sequence[torch.Size] | None = None) -> None:
+                 param_shapes: Sequence[torch.Size] | None = None, symmetric: bool | None = None) -> None:
         for name, F in (("A", A), ("B", B)):
             if not isinstance(F, Tensor) or F.dim() != 2 or F.shape[0] != F.shape[1]:
                 raise ValueError(f"Kronecker factor {name} must be a square 2-d tensor, got "
@@ -138,10 +148,10 @@ class KroneckerOperator(MatrixLayoutOperator):
                             f"B is {B.dtype} on {B.device}.")
         if not math.isfinite(float(shift)):
             raise ValueError(f"shift must be finite, got {shift}.")
-        for name, F in (("A", A), ("B", B)):
-            if not bool(torch.isfinite(F).all()):
-                raise ValueError(f"Kronecker factor {name} has NaN/inf entries (non-finite parameters or data?).")
-        sym = _is_sym(A) and _is_sym(B)
+        if not all_finite(A, B):  # one host sync for both
+            name = "B" if all_finite(A) else "A"
+            raise ValueError(f"Kronecker factor {name} has NaN/inf entries (non-finite parameters or data?).")
+        sym = (_is_sym(A) and _is_sym(B)) if symmetric is None else bool(symmetric)
         super().__init__(A.shape[0], B.shape[0], dtype=A.dtype, device=A.device, is_symmetric=sym,
                          with_bias=with_bias, param_shapes=param_shapes)
         self.A, self.B, self.shift = A, B, float(shift)
@@ -215,7 +225,7 @@ class KroneckerOperator(MatrixLayoutOperator):
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}.")
         if mode == "exact":
             return KroneckerOperator(self.A, self.B, shift=self.shift + lam, with_bias=self.with_bias,
-                                     param_shapes=self.param_shapes)
+                                     param_shapes=self.param_shapes, symmetric=self.is_symmetric)
         pi = 1.0
         if mode == "factored_pi":
             ta, tb = float(torch.trace(self.A)) / self.p, float(torch.trace(self.B)) / self.q
@@ -224,7 +234,8 @@ class KroneckerOperator(MatrixLayoutOperator):
         Ia = torch.eye(self.p, dtype=self.dtype, device=self.device)
         Ib = torch.eye(self.q, dtype=self.dtype, device=self.device)
         return KroneckerOperator(self.A + pi * r * Ia, self.B + (r / pi) * Ib, shift=self.shift,
-                                 with_bias=self.with_bias, param_shapes=self.param_shapes)
+                                 with_bias=self.with_bias, param_shapes=self.param_shapes,
+                                 symmetric=self.is_symmetric)  # A + c I is symmetric iff A is
 
     def to_dense(self, chunk_size: int = 256) -> Tensor:
         D = self._permute_dense(torch.kron(self.A, self.B))

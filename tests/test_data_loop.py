@@ -316,3 +316,26 @@ def test_sparse_embedding_gives_the_dense_answer():
     _, grad = HessianOperator(sparse, loss_fn, (ids, y)).loss_and_gradient()
     assert rel_err(grad, dense_gradient(dense, loss_fn, ids, y)) < EXACT
     assert sparse.emb.sparse  # the user's flag restored
+
+
+def test_single_batch_is_screened_for_nan_by_sums_with_the_fingerprint_naming_the_culprit():
+    from curvature._empirical_risk import BatchLoop
+
+    model, loss_fn, (X, y) = make_case("regression", n=8)
+    Xn = X.clone()
+    Xn[3, 0] = float("nan")
+    with pytest.raises(ValueError, match="Batch 0 contains NaN or inf in its inputs"):
+        HessianOperator(model, loss_fn, (Xn, y))
+    yn = y.clone()
+    yn[0, 0] = -float("inf")
+    with pytest.raises(ValueError, match="Batch 0 contains NaN or inf in its targets"):
+        BatchLoop((X, yn), "cpu", "mean")
+    # finite entries whose sum overflows: accepted (the screen's non-finite sum is rechecked)
+    huge = torch.full((4, 3), 1e308, dtype=torch.float64)
+    loop = BatchLoop((huge, torch.zeros(4, 1, dtype=torch.float64)), "cpu", "mean")
+    assert loop.num_data == 4 and [b for b, *_ in loop] == [0]
+    huge[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="Batch 0 contains NaN or inf in its inputs"):
+        BatchLoop((huge, torch.zeros(4, 1, dtype=torch.float64)), "cpu", "mean")
+    # integer inputs (token ids) need no screen
+    assert BatchLoop((torch.arange(6).reshape(3, 2), torch.zeros(3)), "cpu", "sum").num_data == 3

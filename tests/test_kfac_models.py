@@ -6,6 +6,8 @@ GGN equals the Hessian and K-FAC is exact, Eschenhagen et al. 2023); the dense M
 of one datum with the same sampled labels; the dense empirical Fisher of one datum.
 """
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -295,3 +297,28 @@ def test_model_left_as_found_and_train_mode_refusals():
     dr = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5), nn.Linear(3, 3)).double()
     with pytest.raises(ValueError, match="dropout"):
         kfac(dr, nn.CrossEntropyLoss(), (X, y), mode="train")
+
+
+def test_coverage_check_in_float32_catches_a_small_extra_use_and_accepts_conv_and_joint_blocks():
+    """The check compares projections of the gradient (no rebuilt g^T x); float32 rounding over many
+    rows (conv positions, joint blocks) must not trip it, a 1% extra use of a weight must."""
+
+    class Leaky(nn.Module):
+        def __init__(self, alpha):
+            super().__init__()
+            self.fc, self.alpha = nn.Linear(6, 4), alpha
+
+        def forward(self, x):
+            return self.fc(x) + self.alpha * torch.nn.functional.linear(x, self.fc.weight)
+
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(256, 6, generator=g), torch.randn(256, 4, generator=g)
+    kfac(Leaky(0.0), nn.MSELoss(), (X, y), kind="mc")  # no extra use: accepted
+    for separate_bias in (False, True):
+        with pytest.raises(ValueError, match="also used outside them"):
+            kfac(Leaky(1e-2), nn.MSELoss(), (X, y), kind="mc", separate_bias=separate_bias)
+    model, loss_fn, (Xc, yc) = make_case("cnn", dtype=torch.float32, n=64)
+    for separate_bias in (False, True):
+        K = kfac(model, loss_fn, (Xc, yc), separate_bias=separate_bias)
+        K64 = kfac(copy.deepcopy(model).double(), loss_fn, (Xc.double(), yc), separate_bias=separate_bias)
+        assert rel_err(K.to_dense().double(), K64.to_dense()) < 1e-4

@@ -338,3 +338,32 @@ def test_errors_name_the_problem():
         kfac(nn.Sequential(nn.Linear(3, 2)).double(), nn.CrossEntropyLoss(reduction="none"), (X, y))
     with pytest.raises(ValueError, match="groups=2"):
         kfac(nn.Sequential(nn.Conv2d(2, 2, 1, groups=2)).double(), nn.MSELoss(), (X, y))
+
+
+def test_symmetric_flag_checked_by_default_trusted_when_given_and_kept_by_damping():
+    A, B = _spd(3, 0), _spd(4, 1)
+    N = A.clone()
+    N[0, 1] += 0.5
+    assert KroneckerOperator(A, B).is_symmetric and not KroneckerOperator(N, B).is_symmetric
+    E = A.clone()  # asymmetry at the rounding level of a matrix product: still symmetric
+    E[0, 1] += 4 * torch.finfo(A.dtype).eps * float(A.abs().max())
+    assert not torch.equal(E, E.T) and KroneckerOperator(E, B).is_symmetric
+    K, Kn = KroneckerOperator(A, B, symmetric=True), KroneckerOperator(A, B, symmetric=False)
+    assert K.is_symmetric and not Kn.is_symmetric  # the caller's flag, not checked
+    for mode in ("exact", "factored", "factored_pi"):
+        assert K.damped(0.1, mode=mode).is_symmetric and not Kn.damped(0.1, mode=mode).is_symmetric
+    v = torch.randn(12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for op in (K, Kn):  # the flag changes the solver's route (eigenvalues / two solves), not the matrix
+        assert rel_err(op @ v, torch.kron(A, B) @ v) < EXACT
+        assert rel_err(op.solve(v), torch.linalg.solve(torch.kron(A, B), v)) < 1e-8
+
+
+@pytest.mark.parametrize("kind", ["kflr", "kfac", "kfra"])
+def test_kfac_factors_are_exactly_symmetric_in_float32(kind):
+    """float32 Gram matrices from a matrix product are not exactly symmetric; the factors handed to
+    KroneckerOperator(symmetric=True) are (symmetrized exactly)."""
+    model, loss_fn, (X, y) = make_case("mlp", dtype=torch.float32, n=64)
+    for separate_bias in (True, False):
+        K = kfac(model, loss_fn, (X, y), kind=kind, separate_bias=separate_bias)
+        for blk in K.blocks:
+            assert blk.is_symmetric and torch.equal(blk.A, blk.A.T) and torch.equal(blk.B, blk.B.T)

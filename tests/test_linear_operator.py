@@ -306,3 +306,26 @@ def test_function_hessian_errors_and_linear_function():
         C.FunctionHessianOperator(lambda x: x.sum(), torch.ones(3, dtype=torch.int64))
     H = C.FunctionHessianOperator(lambda x: (2 * x).sum(), torch.ones(3, dtype=DT))
     torch.testing.assert_close(H.to_dense(), torch.zeros(3, 3, dtype=DT))
+
+
+def test_all_finite_decides_by_one_sum_and_falls_back_when_the_sum_overflows():
+    from curvature.linear_operator import all_finite
+
+    x = torch.ones(1000)
+    assert all_finite(x)
+    big = torch.full((10,), 3e38)  # finite entries whose float32 sum overflows: the elementwise check decides
+    assert not bool(torch.isfinite(big.sum())) and all_finite(big)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[7] = bad
+        assert not all_finite(y)
+        big[3] = bad
+        assert not all_finite(big)
+        big[3] = 3e38
+    assert not all_finite(torch.tensor([float("inf"), -float("inf")]))  # a NaN sum
+    assert all_finite(torch.arange(5)) and all_finite(torch.empty(0)) and all_finite(torch.zeros(2, dtype=torch.complex64))
+    assert not all_finite(torch.tensor([complex(1.0, float("nan"))]))
+    assert all_finite(torch.ones(3, requires_grad=True))
+    # several tensors, one read: mixed dtypes, and the non-finite one among finite ones
+    assert all_finite(x, torch.ones(2, dtype=torch.float64), torch.arange(3), big)
+    assert not all_finite(x, torch.tensor([1.0, float("nan")], dtype=torch.float64)) and all_finite()
