@@ -9,7 +9,7 @@ so its construction runs no products), cross-entropy.
 
 Workloads (as in bench_operators.py):
 * ``mlp``: 784-256-256-10 tanh MLP (269,322 parameters), N=2048;
-* ``cnn``: Conv(1,16,5,s2)-Tanh-Conv(16,32,5,s2)-Tanh-Linear(512,10) on 28x28 (18,346 parameters), N=512.
+* ``cnn``: Conv(1,16,5,s2)-Tanh-Conv(16,32,5,s2)-Tanh-Linear(512,10) on 28x28 (18,378 parameters), N=512.
 
 Cases: one Hessian-vector product, a 16-column Hessian block, a 16-column GGN block,
 top-5 Hessian eigenvalues (ours ``top_eigenvalues(k=5, tol=1e-6)``, curvlinops
