@@ -56,6 +56,7 @@ CASES = [
     ("16-col GGN block", "ours", "ggn16", {"micro_batch_size": 256}),
     ("top-5 eigenvalues", "ours", "top5", {"micro_batch_size": 256}),
     ("top-5 eigenvalues", "ours", "top5", {"max_basis": 20}),
+    ("top-5 eigenvalues", "ours", "top5", {"basis_dtype": "float32"}),
     ("Hutchinson trace, 100 probes", "ours", "trace100", {"micro_batch_size": 256}),
     ("16-col Hessian block, vmapped (batched=True)", "ours", "hess16", {"batched": True, "max_block_bytes": None}),
     ("16-col Hessian block, vmapped (batched=True)", "ours", "hess16", {"batched": True, "budget_columns": 4}),
@@ -134,6 +135,7 @@ def worker(model_name: str, lib: str, case: str, options: dict) -> dict:
     if budget_columns is not None:  # a budget of that many columns of the base estimate (4 n float32 entries)
         opts["max_block_bytes"] = budget_columns * 4 * n * 4
     max_basis = opts.pop("max_basis", None)
+    basis_dtype = getattr(torch, opts.pop("basis_dtype")) if "basis_dtype" in opts else None
     block_size = opts.pop("block_size", 32)
     batches_of = opts.pop("batches_of", None)
     gc.collect()
@@ -149,7 +151,7 @@ def worker(model_name: str, lib: str, case: str, options: dict) -> dict:
         elif case in ("hess16", "ggn16"):
             op @ V16
         elif case == "top5":
-            estimators.top_eigenvalues(op, 5, tol=1e-6, seed=0, max_basis=max_basis)
+            estimators.top_eigenvalues(op, 5, tol=1e-6, seed=0, max_basis=max_basis, basis_dtype=basis_dtype)
         elif case == "trace100":
             estimators.hutchinson_trace(op, 100, block_size=block_size, seed=0)
     else:
