@@ -313,7 +313,6 @@ def test_cache_check_version_skips_the_checksum_sync(monkeypatch):
         with torch.no_grad():  # in-place updates bump _version: caught by both
             model[0].weight.add_(0.1)
         assert rel_err(op @ v, dense_hessian(model, loss_fn, X, y) @ v) < EXACT
-    # the checksum comparison shares the product's one host read with the NaN/inf refusal: one read either way
-    assert reads["checksum"] == reads["version"] == 1
+    assert reads["checksum"] == reads["version"] + 1  # exactly one sync per product for the checksum
     with pytest.raises(ValueError, match="cache_check must be"):
         HessianOperator(model, loss_fn, (X, y), cache_check="never")
