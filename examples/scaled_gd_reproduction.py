@@ -333,18 +333,14 @@ def main(argv=None) -> dict:
         print(f"wrote {png_path}")
         return result
     torch.set_num_threads(1)
-    if args.stall_trace:
-        trace = run_stall_trace("fast" if setting == "fast" else "paper")
-        with open(out / "scaled_gd_stall_trace.json", "w") as f:
-            json.dump(trace, f, indent=1)
-        print(f"wrote {out / 'scaled_gd_stall_trace.json'}")
-        return trace
-    if args.stall_study:
-        study = run_stall_study("fast" if setting == "fast" else "paper")
-        with open(out / "scaled_gd_stall.json", "w") as f:
-            json.dump(study, f, indent=1)
-        print(f"wrote {out / 'scaled_gd_stall.json'}")
-        return study
+    for wanted, run, name in ((args.stall_trace, run_stall_trace, "scaled_gd_stall_trace.json"),
+                              (args.stall_study, run_stall_study, "scaled_gd_stall.json")):
+        if wanted:  # a diagnostic study on its own, into its own JSON
+            study = run("fast" if setting == "fast" else "paper")
+            with open(out / name, "w") as f:
+                json.dump(study, f, indent=1)
+            print(f"wrote {out / name}")
+            return study
     fig2 = run_tong_figure2(setting, truth, tuple(p for p in problems if p != "overparameterized"))
     over = run_overparameterized(setting) if "overparameterized" in problems else {"curves": {}, "rows": []}
     cfg = SETTINGS[setting]
