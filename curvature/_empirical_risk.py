@@ -989,21 +989,26 @@ class EmpiricalRiskOperator(LinearOperator):
                                                       *[V for _, V in blocks]))
         outs = [torch.zeros_like(V) for _, V in blocks]
         deferred: list[Tensor] = []  # 0-dim device flags: a stale cache (read once, below)
+        # ranks with a stale cache, summed with the products: every rank then redoes the pass together
+        stale = outs[0].new_zeros(1)
         try:
-            with self._loop.shards.summed(outs):  # data parallel: one all_reduce over ranks (and error flag)
+            with self._loop.shards.summed([*outs, stale]):  # data parallel: one all_reduce (and error flag)
                 for b, X, y, w in self._units():
                     state = self._get_state(X, y, b, deferred)
                     with torch.enable_grad():
                         for out, (idx, V) in zip(outs, blocks):
                             self._chunked(state, V, idx, out, w)
-            flags = list(deferred)
+                if deferred:
+                    stale.add_(torch.stack(deferred).any().to(stale.dtype))
+            stale_known = bool(deferred) or self._loop.shards.group is not None  # else nothing can be stale
+            flags = [stale[0] > 0] if stale_known else []
             if check_finite:
                 flags.append(~torch.stack([torch.isfinite(o).all() for o in outs]).all())
             read = torch.stack(flags).tolist() if flags else []  # the pass's one host read
         except BaseException:
             self.clear_cache()
             raise
-        if any(read[:len(deferred)]):  # written through .data since the state was built: rebuild, redo
+        if stale_known and read[0]:  # written through .data since the state was built (on some rank): redo
             self.clear_cache()
             return self._block_products(blocks, check_finite)
         if check_finite and read[-1]:

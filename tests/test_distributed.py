@@ -380,6 +380,17 @@ def _battery2(rank: int, world: int) -> dict:
     out["fd_fsdp_top"] = estimators.top_eigenvalues(F, k=1, seed=0, tol=1e-7).eigenvalues
     out["fd_fsdp_unequal"] = _error(lambda: FiniteDifferenceHessianOperator(sharded, _ce(), data, process_group=group))
 
+    # one cached batch per rank, then written through .data on rank 0 only (a swap of two examples: the
+    # version counter and the sums do not change); the checksum sees it there, and every rank must redo
+    # the pass with it (a rank redoing alone would pair its all_reduce with the others' next one)
+    Xr, yr = X[rank * 6:(rank + 1) * 6].clone(), y[rank * 6:(rank + 1) * 6]
+    cached = curvature.HessianOperator(model, _ce(), (Xr, yr), process_group=group)
+    out["cached_before"] = cached @ V
+    if rank == 0:
+        Xr.data[[0, 2]] = Xr.data[[2, 0]].clone()
+    out["cached_after_write"] = cached @ V
+    out["cached_next"] = cached @ V[:, :1]  # the ranks are still in step
+
     # last: a rank that never joins (rank 1 skips the operator) -> the group's timeout ends the wait
     short = dist.new_group(backend="gloo", timeout=timedelta(seconds=3))
     if rank == 0:
@@ -408,6 +419,20 @@ def test_two_processes_ddp_model_products(battery2):
     for r in ranks:
         cls, msg, _ = r["ddp_default_refused"]
         assert cls == "ValueError" and "DistributedDataParallel" in msg
+
+
+def test_a_write_through_data_on_one_rank_makes_every_rank_recompute(battery2):
+    ranks = battery2
+    model, X, y, _ = _problem()
+    V = _probe_block(sum(p.numel() for p in model.parameters()))
+    halves = [(X[0:6].clone(), y[0:6]), (X[6:12], y[6:12])]
+    before = curvature.HessianOperator(model, _ce(), halves) @ V
+    halves[0][0][[0, 2]] = halves[0][0][[2, 0]].clone()
+    after = curvature.HessianOperator(model, _ce(), halves) @ V
+    assert float((after - before).abs().max()) > 1e-3 * float(before.abs().max())  # the swap matters
+    for r in ranks:
+        for key, truth in (("cached_before", before), ("cached_after_write", after), ("cached_next", after[:, :1])):
+            assert float((r[key] - truth).abs().max() / truth.abs().max()) < 1e-12, key
 
 
 def test_newton_cg_under_ddp_takes_identical_steps_equal_to_single_process(battery2):
