@@ -22,6 +22,7 @@ title, the reproducing command, and tables (``columns`` + ``rows`` of strings) w
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -203,6 +204,20 @@ class PeakMemory:
 def emit(result: dict) -> None:
     """Print one case's result for :func:`run_cases` (one line, JSON, tagged)."""
     print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+def add_case_args(ap) -> None:
+    """The options every case-per-process script takes: ``--out`` and the hidden ``--case`` of :func:`run_case`."""
+    ap.add_argument("--out", default=None, help="markdown file (a .json beside it)")
+    ap.add_argument("--case", default=None, help=argparse.SUPPRESS)
+
+
+def served_case(args, run_one) -> bool:
+    """In a case process (``--case JSON`` given): run ``run_one(case)``, :func:`emit` it and return ``True``."""
+    if args.case is None:
+        return False
+    emit(run_one(json.loads(args.case)))
+    return True
 
 
 def case_key(case: dict) -> str:

@@ -28,7 +28,6 @@ Run:  python benchmarks/bench_ce_hessian.py --repeats 5 --out benchmarks/results
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -118,11 +117,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="V = 8,192, 2 rounds (a smoke run)")
-    ap.add_argument("--out", default=None, help="markdown file (a .json beside it)")
-    ap.add_argument("--case", default=None, help=argparse.SUPPRESS)
+    H.add_case_args(ap)
     args = ap.parse_args(argv)
-    if args.case is not None:
-        H.emit(run_case(json.loads(args.case)))
+    if H.served_case(args, run_case):
         return 0
     if args.quick:
         args.vocab, args.repeats = 8192, 2

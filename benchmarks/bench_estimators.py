@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import json
 import math
 import os
 import sys
@@ -369,11 +368,9 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per case process")
     ap.add_argument("--quick", action="store_true",
                     help="the block workload, tasks top1,trace,block,slq, 1 round (a smoke run, a few minutes)")
-    ap.add_argument("--out", default=None, help="markdown file (a .json beside it)")
-    ap.add_argument("--case", default=None, help=argparse.SUPPRESS)
+    H.add_case_args(ap)
     args = ap.parse_args(argv)
-    if args.case is not None:
-        H.emit(run_case(json.loads(args.case)))
+    if H.served_case(args, run_case):
         return 0
     if args.quick:
         args.workloads, args.tasks, args.repeats = "block", "top1,trace,block,slq", 1

@@ -105,11 +105,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dims", default="10000,50000,269322,1800000", help="operator sizes n (bookkeeping table)")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     ap.add_argument("--quick", action="store_true", help="N up to 4,096, n up to 269,322, 1 round")
-    ap.add_argument("--out", default=None, help="markdown file (a .json beside it)")
-    ap.add_argument("--case", default=None, help=argparse.SUPPRESS)
+    H.add_case_args(ap)
     args = ap.parse_args(argv)
-    if args.case is not None:
-        H.emit(run_case(json.loads(args.case)))
+    if H.served_case(args, run_case):
         return 0
     if args.quick:
         args.sizes, args.dims, args.repeats, args.inner = "256,1024,4096", "10000,50000,269322", 1, 3
