@@ -190,6 +190,16 @@ def dense_empirical_fisher(model, loss_fn, X, y, params=None) -> Tensor:
     return reduction_scale(loss_fn, z) * G.T @ G
 
 
+def dense_curvature(kind: str, model, loss_fn, X, y, params=None) -> Tensor:
+    """The dense matrix an operator of ``kind`` stands for: ``"hessian"``, an empirical Fisher
+    (a kind ending in ``"empirical"``), otherwise the GGN (the exact Fisher of these losses)."""
+    if kind == "hessian":
+        return dense_hessian(model, loss_fn, X, y, params)
+    if kind.endswith("empirical"):
+        return dense_empirical_fisher(model, loss_fn, X, y, params)
+    return dense_ggn(model, loss_fn, X, y, params)
+
+
 def dense_lowrank_fisher(model, X, S: Tensor, params=None) -> Tensor:
     """``J^T (sum_m s_m s_m^T per example) J`` for output factors ``S`` ``[M, B, C]``."""
     J = dense_jacobian(model, X, params)

@@ -6,18 +6,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from curvature import FisherOperator, GGNOperator, HessianOperator
-from dense_truth import dense_empirical_fisher, dense_ggn, dense_hessian, rel_err
+from dense_truth import dense_curvature, dense_ggn, dense_hessian, rel_err
 from models import batchnorm_dropout, classification_data, make_case
 
 EXACT = 1e-10
 
-
-def _truth(kind, model, loss_fn, X, y):
-    if kind == "hessian":
-        return dense_hessian(model, loss_fn, X, y)
-    if kind == "empirical":
-        return dense_empirical_fisher(model, loss_fn, X, y)
-    return dense_ggn(model, loss_fn, X, y)
 
 
 def _op(kind, model, loss_fn, data, **kw):
@@ -36,7 +29,7 @@ def test_unequal_batches_equal_concatenated_data(kind, reduction, name):
     loader = DataLoader(TensorDataset(X, y), batch_size=4)  # batches of 4, 4, 2
     op = _op(kind, model, loss_fn, loader)
     assert op.num_data == 10 and op.num_batches == 3
-    assert rel_err(op.to_dense(), _truth(kind, model, loss_fn, X, y)) < EXACT
+    assert rel_err(op.to_dense(), dense_curvature(kind, model, loss_fn, X, y)) < EXACT
 
 
 def test_sum_is_n_times_mean():

@@ -15,7 +15,7 @@ from torch import nn
 
 from curvature import FisherOperator, GGNOperator, HessianOperator, TokenCrossEntropyLoss
 from curvature.losses import sample_output_gradients
-from dense_truth import dense_empirical_fisher, dense_ggn, dense_hessian, dense_lowrank_fisher, rel_err
+from dense_truth import dense_curvature, dense_hessian, dense_lowrank_fisher, rel_err
 from models import batchnorm_dropout, classification_data, cnn, mlp
 
 TOL = 1e-12
@@ -52,13 +52,6 @@ OPERATORS = {
 }
 
 
-def _truth(kind, model, loss_fn, X, y):
-    if kind == "hessian":
-        return dense_hessian(model, loss_fn, X, y)
-    if kind == "fisher_empirical":
-        return dense_empirical_fisher(model, loss_fn, X, y)
-    return dense_ggn(model, loss_fn, X, y)
-
 
 @pytest.mark.parametrize("kind", list(OPERATORS))
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -75,7 +68,7 @@ def test_micro_batches_equal_whole_batches_and_dense_truth(kind, reduction, batc
     columns, built = _counting(micro)
     got = micro @ V
     assert rel_err(got, ref) < TOL
-    assert rel_err(got, _truth(kind, model, loss_fn, X, y) @ V) < 1e-10
+    assert rel_err(got, dense_curvature(kind, model, loss_fn, X, y) @ V) < 1e-10
     # every batch in micro-batches of at most 3 examples: 10 -> 3,3,3,1; 7,3 -> 3,3,1,3
     assert [n for _, n in built] == ([3, 3, 3, 1] if len(batches) == 1 else [3, 3, 1, 3])
     assert micro @ V is not None and rel_err(micro @ V, ref) < TOL  # a second product (no stale cache)
